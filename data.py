@@ -1,0 +1,218 @@
+"""Shared data helpers: Matbench raw data (offline or online), featurized data sets,
+Matbench's own folds, and the JSON result files that many jobs merge into at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from filelock import FileLock
+
+from mat_bench import ALL_TASKS, DATA_PATHS, N_FOLDS, TASK_INFO
+
+RAW_DIR_ENV = "MATBENCH_RAW_DIR"
+
+
+class UserError(Exception):
+    """An error the user can fix; scripts print its one-line message and exit 2."""
+
+
+# --- checks -----------------------------------------------------------------------
+def check_task(task: str) -> None:
+    """Raise UserError for a name that is not one of the 13 Matbench v0.1 tasks."""
+    if task not in TASK_INFO:
+        raise UserError(
+            f"unknown task {task!r}: choose one of {', '.join(ALL_TASKS)}"
+        )
+
+
+def check_fold(fold: int) -> None:
+    """Raise UserError for a fold outside 0..4."""
+    if not 0 <= fold < N_FOLDS:
+        raise UserError(f"fold {fold} is out of range: Matbench folds are 0 to 4")
+
+
+# --- atomic files -----------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside `path` and move it onto `path` only if the
+    block finishes: a killed or failed writer never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --- raw Matbench data ------------------------------------------------------------
+def raw_data_dirs() -> list[Path]:
+    """Folders listed in $MATBENCH_RAW_DIR (colon-separated), searched before any
+    download."""
+    return [Path(p) for p in os.environ.get(RAW_DIR_ENV, "").split(":") if p]
+
+
+def find_raw_file(task: str) -> Path | None:
+    """The local copy of a task: matminer's download `<task>.json.gz` (with
+    structures) in any raw dir wins over a composition table `<task>.json.bz2`."""
+    for suffix in (".json.gz", ".json.bz2"):
+        for folder in raw_data_dirs():
+            if (path := folder / f"{task}{suffix}").is_file():
+                return path
+    return None
+
+
+def mbids(task: str, n_rows: int) -> list[str]:
+    """Matbench ids in data set order, as matbench builds them (mb-phonons-0001, ...)."""
+    n_digits = math.floor(math.log(n_rows, 10)) + 1
+    prefix = task.replace("matbench", "mb").replace("_", "-")
+    return [f"{prefix}-{idx + 1:0{n_digits}d}" for idx in range(n_rows)]
+
+
+def load_raw_task(task: str) -> pd.DataFrame:
+    """Load a Matbench task as a DataFrame indexed by mbid with columns `composition`
+    (formula string), `target` and, where the structures are available, `structure`
+    (pymatgen Structures). Local files in $MATBENCH_RAW_DIR come first; otherwise
+    matbench downloads the data set through matminer."""
+    check_task(task)
+    target_col, _, input_type = TASK_INFO[task]
+    path = find_raw_file(task)
+    try:
+        if path is not None and path.name.endswith(".json.bz2"):
+            df = pd.read_json(path).set_index("mbid")
+        elif path is not None:
+            from matminer.utils.io import load_dataframe_from_json
+
+            df = load_dataframe_from_json(str(path), pbar=False)
+            df.index = mbids(task, len(df))
+        else:
+            from matbench.data_ops import load
+
+            df = load(task)
+    except UserError:
+        raise
+    except Exception as exc:  # corrupt file or failed download
+        where = path or "the matminer download"
+        hint = (
+            f"check or replace {path}"
+            if path
+            else f"set {RAW_DIR_ENV} to a folder holding {task}.json.gz or "
+            f"{task}.json.bz2 (no network here?)"
+        )
+        raise UserError(
+            f"could not load {task} from {where} ({type(exc).__name__}: "
+            f"{str(exc)[:200]}): {hint}"
+        ) from exc
+    df.index.name = "mbid"
+    if target_col not in df:
+        raise UserError(f"{path or task} has no target column {target_col!r}")
+    out = pd.DataFrame(index=df.index)
+    if input_type == "structure" and "structure" in df:
+        out["composition"] = [struct.composition.formula for struct in df.structure]
+        out["structure"] = df.structure
+    else:
+        out["composition"] = df["composition"].astype(str)
+    out["target"] = df[target_col]
+    return out
+
+
+# --- featurized data sets ---------------------------------------------------------
+def load_featurized(task: str) -> pd.DataFrame:
+    """Read a task's featurized file (written by featurize_matbench.py), indexed by
+    mbid, with columns composition, target and, for structure tasks whose structures
+    were available, protostructure (Aflow-style Wyckoff label) and label_error."""
+    check_task(task)
+    path = DATA_PATHS[task]
+    if not os.path.isfile(path):
+        raise UserError(
+            f"featurized data for {task} not found at {path}: run "
+            f"`python featurize_matbench.py --tasks {task}` first"
+        )
+    try:
+        return pd.read_csv(path, index_col="mbid", keep_default_na=False,
+                           na_values={"protostructure": [""], "label_error": [""]})
+    except Exception as exc:
+        raise UserError(
+            f"featurized file {path} is unreadable ({type(exc).__name__}): "
+            f"rebuild it with `python featurize_matbench.py --tasks {task} --force`"
+        ) from exc
+
+
+# --- Matbench folds ---------------------------------------------------------------
+def get_fold_ids(task: str, fold: int) -> tuple[list[str], list[str]]:
+    """Matbench v0.1's own (train+val ids, test ids) for one task and fold, read from
+    the validation splits that ship inside the matbench package."""
+    check_task(task)
+    check_fold(fold)
+    from matbench.metadata import mbv01_validation
+
+    split = mbv01_validation.splits[task][f"fold_{fold}"]
+    return list(split.train), list(split.test)
+
+
+# --- result files -----------------------------------------------------------------
+def read_json_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a results file; an absent file is empty. Invalid JSON raises UserError
+    so that nobody overwrites a file they could not read."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        with open(path) as file:
+            data = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"{path} is not valid JSON ({exc}); refusing to touch it: repair or move "
+            "it, or pass another --run-name"
+        ) from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object; repair or move it")
+    return data
+
+
+def update_json_results(
+    path: str | os.PathLike, update: Callable[[dict[str, Any]], None]
+) -> None:
+    """Apply `update` to the file's content under an exclusive file lock and replace
+    the file atomically: concurrent writers (SLURM array elements) never lose each
+    other's entries, and readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock", timeout=600):
+        data = read_json_results(path)
+        update(data)
+        with atomic_path(path) as tmp, open(tmp, "w") as file:
+            json.dump(data, file, indent=1)
+            file.write("\n")
+
+
+def merge_fold_result(
+    path: str | os.PathLike, task: str, fold: int, entry: dict[str, Any]
+) -> None:
+    """Set data[task][fold_k] = entry in a results file, keeping everything else."""
+
+    def update(data: dict[str, Any]) -> None:
+        data.setdefault(task, {})[f"fold_{fold}"] = entry
+
+    update_json_results(path, update)
+
+
+def open_maybe_gzip(path: str | os.PathLike) -> Any:
+    """Open a text file that may be gzip-compressed (matbench's results.json.gz files
+    are sometimes plain JSON despite their name)."""
+    with open(path, "rb") as file:
+        magic = file.read(2)
+    return gzip.open(path, "rt") if magic == b"\x1f\x8b" else open(path)
