@@ -161,6 +161,7 @@ class MatbenchTransformer(Wrenformer):
 
     def __init__(self, *, wyckoff: bool, frac_encoding_dims: int = 0,
                  **kwargs) -> None:
+        kwargs.pop("n_features", None)  # derived below (model_params holds it)
         n_features = 1 + ELEM_DIM + (WYCKOFF_DIM if wyckoff else 0) + frac_encoding_dims
         super().__init__(n_features=n_features, **kwargs)
         self.model_params.update(wyckoff=wyckoff,

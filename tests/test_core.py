@@ -1,0 +1,334 @@
+"""The core pipeline on real Matbench data: featurize, folds, training both models,
+the result files (also under many concurrent writers), checkpoints and bad input."""
+
+import json
+import math
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from pymatgen.core import Lattice, Structure
+from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+from mat_bench import DATA_PATHS
+from mat_bench.data import (
+    UserError,
+    get_fold_ids,
+    load_featurized,
+    load_raw_task,
+    merge_fold_result,
+    read_json_results,
+)
+from mat_bench.featurize_matbench import featurize, protostructure_label
+from mat_bench.run_matbench import main as run_main
+from mat_bench.run_matbench import run_matbench
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"d_model": 32, "n_heads": 2, "n_attn_layers": 1}  # fast model for plumbing
+
+
+# --- featurization ------------------------------------------------------------------
+def test_featurize_phonons_labels_nearly_all_and_match_spglib(featurized):
+    summary = featurized("matbench_phonons")["matbench_phonons"]
+    assert summary["rows"] == 1265
+    assert summary["labelled"] + summary["failed"] == 1265
+    assert summary["labelled"] >= 1250
+    df = load_featurized("matbench_phonons")
+    assert len(df) == 1265 and df.index[0] == "mb-phonons-0001"
+    assert df.protostructure.notna().sum() == summary["labelled"]
+    raw = load_raw_task("matbench_phonons")
+    np.testing.assert_allclose(df.target, raw.target)
+    for mbid in ["mb-phonons-0001", "mb-phonons-0100", "mb-phonons-0777",
+                 "mb-phonons-1265"]:
+        label = df.protostructure[mbid]
+        spg_num = SpacegroupAnalyzer(raw.structure[mbid], symprec=0.1).get_space_group_number()
+        assert label.split(":")[0].split("_")[2] == str(spg_num)
+        assert label.split(":")[1] == raw.structure[mbid].chemical_system
+    assert df.protostructure["mb-phonons-0001"] == "AB_cF8_225_a_b:Ba-Te"
+
+
+def test_featurize_composition_tasks_skip_and_force(featurized):
+    featurized("matbench_steels", "matbench_jdft2d")
+    steels = load_featurized("matbench_steels")
+    assert len(steels) == 312 and "protostructure" not in steels
+    jdft2d = load_featurized("matbench_jdft2d")  # structure task, no structures here
+    assert len(jdft2d) == 636 and "protostructure" not in jdft2d
+    before = os.path.getmtime(DATA_PATHS["matbench_steels"])
+    summary = featurize(["matbench_steels"])
+    assert "already done" in summary.loc["matbench_steels", "note"]
+    assert os.path.getmtime(DATA_PATHS["matbench_steels"]) == before
+    summary = featurize(["matbench_steels"], force=True)
+    assert summary.loc["matbench_steels", "rows"] == 312
+
+
+def test_unlabellable_structure_is_recorded_not_dropped(featurized, monkeypatch):
+    featurized("matbench_phonons")
+    raw = load_raw_task("matbench_phonons").iloc[:6].copy()
+    # a 0.01 A cell: spglib cannot determine the symmetry of this "crystal"
+    broken = Structure(Lattice.cubic(0.01), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3])
+    raw.at[raw.index[2], "structure"] = broken
+    label, error = protostructure_label(broken)
+    assert label is None and error
+    import mat_bench.featurize_matbench as fm
+
+    monkeypatch.setattr(fm, "load_raw_task", lambda task: raw)
+    monkeypatch.setitem(DATA_PATHS, "matbench_phonons", str(Path(DATA_PATHS[
+        "matbench_phonons"]).with_name("broken.csv.gz")))
+    summary = fm.featurize_task("matbench_phonons", workers=1)
+    assert (summary["rows"], summary["labelled"], summary["failed"]) == (6, 5, 1)
+    df = pd.read_csv(DATA_PATHS["matbench_phonons"], index_col="mbid")
+    assert len(df) == 6 and df.protostructure.isna().sum() == 1
+    assert isinstance(df.label_error.iloc[2], str)
+
+
+def test_killed_featurize_leaves_old_file_intact(featurized, monkeypatch):
+    featurized("matbench_steels")
+    path = DATA_PATHS["matbench_steels"]
+    before = Path(path).read_bytes()
+
+    def crash(self, *args, **kwargs):
+        Path(args[0]).write_text("half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", crash)
+    with pytest.raises(KeyboardInterrupt):
+        featurize(["matbench_steels"], force=True)
+    assert Path(path).read_bytes() == before
+    assert not [p for p in os.listdir(Path(path).parent) if p.endswith(".tmp")]
+
+
+# --- folds --------------------------------------------------------------------------
+@pytest.mark.parametrize("task", ["matbench_steels", "matbench_phonons",
+                                  "matbench_mp_e_form"])
+def test_fold_ids_are_matbenchs(task):
+    from matbench.task import MatbenchTask
+
+    mb_task = MatbenchTask(task, autoload=False)
+    all_test = []
+    for fold in range(5):
+        train_ids, test_ids = get_fold_ids(task, fold)
+        assert list(mb_task.validation[f"fold_{fold}"].test) == test_ids
+        assert list(mb_task.validation[f"fold_{fold}"].train) == train_ids
+        assert not set(train_ids) & set(test_ids)
+        all_test += test_ids
+    assert len(all_test) == len(set(all_test)) == mb_task.metadata.n_samples
+
+
+# --- training and result files ------------------------------------------------------
+def check_fold_files(out_dir, run, task, fold, metric, n_test):
+    scores = read_json_results(out_dir / "model_scores" / f"{run}.json")
+    preds = read_json_results(out_dir / "model_preds" / f"{run}.json")
+    entry = scores[task][f"fold_{fold}"]
+    assert math.isfinite(entry[metric])
+    assert entry["n_test"] == n_test and entry["params"]["run_name"] == run
+    fold_preds = preds[task][f"fold_{fold}"]
+    assert fold_preds["mbid"] == get_fold_ids(task, fold)[1]
+    assert len(fold_preds["prediction"]) == len(fold_preds["target"]) == n_test
+    assert np.isfinite(fold_preds["prediction"]).all()
+    return entry, fold_preds
+
+
+def test_roostformer_regression_and_classification(featurized, tmp_path):
+    featurized("matbench_steels", "matbench_expt_is_metal")
+    entry = run_matbench("roostformer", "matbench_steels", 1, epochs=2,
+                         run_name="roost", out_dir=tmp_path, progress=False)
+    assert entry["epochs"] == 2 and entry["params"]["model"] == "roostformer"
+    _, preds = check_fold_files(tmp_path, "roost", "matbench_steels", 1, "mae", 63)
+    assert set(entry) >= {"mae", "rmse", "r2", "train_seconds", "samples_per_sec"}
+    # the reported MAE is the MAE of the recorded predictions
+    err = np.array(preds["prediction"]) - np.array(preds["target"])
+    assert entry["mae"] == pytest.approx(np.abs(err).mean())
+
+    entry = run_matbench("roostformer", "matbench_expt_is_metal", 0, epochs=1,
+                         run_name="roost", out_dir=tmp_path, progress=False, **TINY)
+    _, preds = check_fold_files(tmp_path, "roost", "matbench_expt_is_metal", 0,
+                                "rocauc", 985)
+    assert 0 <= min(preds["probability"]) and max(preds["probability"]) <= 1
+    assert set(preds["prediction"]) <= {0, 1} and set(preds["target"]) == {0, 1}
+    # both tasks live in the same run files
+    assert set(read_json_results(tmp_path / "model_scores" / "roost.json")) == {
+        "matbench_steels", "matbench_expt_is_metal"}
+
+
+def test_wrenformer_phonons(featurized, tmp_path):
+    featurized("matbench_phonons")
+    entry = run_matbench("wrenformer", "matbench_phonons", 2, epochs=2,
+                         run_name="wren", out_dir=tmp_path, progress=False)
+    check_fold_files(tmp_path, "wren", "matbench_phonons", 2, "mae", 253)
+    assert entry["params"]["model"] == "wrenformer" and entry["n_test_unlabelled"] == 0
+
+
+def test_cli_prints_score_and_exits_zero(featurized, tmp_path):
+    featurized("matbench_steels")
+    proc = subprocess.run(
+        [sys.executable, "run_matbench.py", "--model", "roostformer", "--task",
+         "matbench_steels", "--fold", "4", "--epochs", "1", "--run-name", "cli",
+         "--out-dir", str(tmp_path), "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "test mae =" in proc.stdout
+    check_fold_files(tmp_path, "cli", "matbench_steels", 4, "mae", 62)
+
+
+def _merge_worker(args):
+    path, idx = args
+    merge_fold_result(path, f"task_{idx % 4}", idx, {"value": idx, "pad": "x" * 5000})
+
+
+def test_concurrent_merges_lose_nothing(tmp_path):
+    path = tmp_path / "model_scores" / "many.json"
+    n_writers = 32
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(16) as pool:  # 16 processes writing at once, 32 entries in all
+        pool.map(_merge_worker, [(path, idx) for idx in range(n_writers)], chunksize=1)
+    data = json.loads(path.read_text())
+    found = {(task, fold) for task, folds in data.items() for fold in folds}
+    assert found == {(f"task_{i % 4}", f"fold_{i}") for i in range(n_writers)}
+    assert all(data[f"task_{i % 4}"][f"fold_{i}"]["value"] == i for i in range(n_writers))
+
+
+def test_checkpoint_predicts_again(featurized, tmp_path):
+    import torch
+
+    from mat_bench.training import (
+        DeviceData,
+        MatbenchTransformer,
+        Normalizer,
+        TrainConfig,
+        predict,
+        tokenize_compositions,
+    )
+
+    featurized("matbench_steels")
+    run_matbench("roostformer", "matbench_steels", 0, epochs=3, run_name="ck",
+                 out_dir=tmp_path, checkpoint="local", progress=False, **TINY)
+    saved = torch.load(tmp_path / "checkpoints" / "ck" / "matbench_steels-fold_0.pt",
+                       weights_only=False)
+    assert saved["epoch"] == 3
+    model = MatbenchTransformer(**saved["model_params"])
+    model.load_state_dict(saved["model_state"])
+    normalizer = Normalizer.from_state_dict(saved["normalizer"])
+    test = load_featurized("matbench_steels").loc[get_fold_ids("matbench_steels", 0)[1]]
+    data = DeviceData(tokenize_compositions(list(test.composition)),
+                      test.target.to_numpy(np.float32), torch.device("cpu"), 64)
+    preds = predict(model, data, TrainConfig("regression", 3), normalizer)
+    recorded = read_json_results(tmp_path / "model_preds" / "ck.json")
+    np.testing.assert_allclose(
+        preds, recorded["matbench_steels"]["fold_0"]["prediction"], rtol=1e-4)
+
+
+def test_sigterm_checkpoints_and_rerun_resumes(featurized, tmp_path):
+    featurized("matbench_steels")
+    cmd = [sys.executable, "run_matbench.py", "--model", "roostformer", "--task",
+           "matbench_steels", "--fold", "2", "--epochs", "60", "--run-name", "term",
+           "--out-dir", str(tmp_path), "--checkpoint", "local", "--no-progress",
+           "--d-model", "32", "--n-heads", "2", "--n-attn-layers", "1", "--batch-size", "8"]
+    ckpt = tmp_path / "checkpoints" / "term" / "matbench_steels-fold_2.pt"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped by SIGTERM" in err
+    assert not (tmp_path / "model_scores" / "term.json").exists()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming matbench_steels fold 2 from epoch" in proc.stdout
+    scores = read_json_results(tmp_path / "model_scores" / "term.json")
+    assert scores["matbench_steels"]["fold_2"]["epochs"] == 60
+
+
+def test_wandb_offline_logs_locally(featurized, tmp_path, monkeypatch):
+    featurized("matbench_steels")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run_matbench("roostformer", "matbench_steels", 3, epochs=2, run_name="wb",
+                 out_dir=tmp_path, wandb="offline", progress=False, **TINY)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+# --- bad input: one clear line, exit 2, nothing written ------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "roostformer", "--task", "matbench_nope", "--fold", "0"],
+         "unknown task 'matbench_nope'"),
+        (["--model", "roostformer", "--task", "matbench_steels", "--fold", "5"],
+         "fold 5 is out of range"),
+        (["--model", "wrenformer", "--task", "matbench_steels", "--fold", "0"],
+         "composition-only task"),
+        (["--model", "wrenformer", "--task", "matbench_jdft2d", "--fold", "0"],
+         "has no Wyckoff labels"),
+        (["--model", "roostformer", "--task", "matbench_mp_gap", "--fold", "0"],
+         "python featurize_matbench.py --tasks matbench_mp_gap"),
+        (["--model", "roostformer", "--task", "matbench_steels", "--fold", "0",
+          "--epochs", "0"], "--epochs must be at least 1"),
+        (["--model", "roostformer", "--task", "matbench_steels", "--fold", "0",
+          "--d-model", "30", "--n-heads", "4"], "divisible"),
+    ],
+)
+def test_bad_input_errors(featurized, tmp_path, capsys, argv, message):
+    featurized("matbench_steels", "matbench_jdft2d")
+    code = run_main([*argv, "--out-dir", str(tmp_path), "--run-name", "bad"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_invalid_results_file_is_never_overwritten(featurized, tmp_path, capsys):
+    featurized("matbench_steels")
+    scores = tmp_path / "model_scores" / "broken.json"
+    scores.parent.mkdir()
+    scores.write_text('{"matbench_steels": {"fold_0": ')
+    code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--fold",
+                     "0", "--epochs", "1", "--out-dir", str(tmp_path), "--run-name",
+                     "broken"])
+    assert code == 2 and "not valid JSON" in capsys.readouterr().err
+    assert scores.read_text() == '{"matbench_steels": {"fold_0": '
+    assert not (tmp_path / "model_preds" / "broken.json").exists()
+    with pytest.raises(UserError, match="not valid JSON"):
+        merge_fold_result(scores, "matbench_steels", 1, {})
+
+
+def test_unknown_task_in_featurize(capsys):
+    from mat_bench.featurize_matbench import main
+
+    assert main(["--tasks", "matbench_foo"]) == 2
+    assert "unknown task 'matbench_foo'" in capsys.readouterr().err
+
+
+def test_missing_raw_data_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("MATBENCH_RAW_DIR", str(tmp_path))
+    import matbench.data_ops
+
+    def no_network(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(matbench.data_ops, "load", no_network)
+    with pytest.raises(UserError, match="set MATBENCH_RAW_DIR"):
+        load_raw_task("matbench_steels")
+
+
+def test_corrupt_raw_file(monkeypatch, tmp_path):
+    (tmp_path / "matbench_steels.json.bz2").write_bytes(b"not bz2 at all")
+    monkeypatch.setenv("MATBENCH_RAW_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="could not load matbench_steels"):
+        load_raw_task("matbench_steels")
+
+
+def test_package_imports_outside_repo(tmp_path):
+    """Scripts import shared code as mat_bench.*, whatever the clone is named."""
+    proc = subprocess.run([sys.executable, "-c", "import mat_bench.run_matbench, "
+                           "mat_bench.featurize_matbench; print('ok')"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.stdout.strip() == "ok", proc.stderr
