@@ -1,0 +1,463 @@
+"""Run the Matbench benchmark on a SLURM cluster as one job array: one element per
+(task, fold) pair, each running run_matbench.py, all merging into the same
+OUT_DIR/model_scores/RUN.json and OUT_DIR/model_preds/RUN.json.
+
+Examples:
+    # Roostformer on all 13 tasks x 5 folds, one A100 per element, 10 at a time
+    python slurm_submit.py --model roostformer --run-name roost-v1 \
+        --partition ampere --account MYPROJECT --gpus-per-node a100:1 \
+        --time 12:00:00 --max-parallel 10 \
+        --pre-cmd "module load cuda/12.1; source ~/venvs/matbench/bin/activate"
+    # Wrenformer on the structure tasks with Wyckoff labels, CPU only, resumable
+    python slurm_submit.py --model wrenformer --run-name wren-v1 --gpus-per-node 0 \
+        --cpus-per-task 8 --epochs 300 --d-model 256 --requeue
+    # two tasks, folds 0 and 1, show what would be submitted
+    python slurm_submit.py --model roostformer --run-name try --tasks matbench_steels \
+        matbench_expt_gap --folds 0 1 --epochs 5 --dry-run
+    # after failures or time limits: submit only the folds the scores file lacks
+    python slurm_submit.py --model roostformer --run-name roost-v1 --only-missing
+
+Any flag that slurm_submit.py does not know (--epochs, --d-model, --robust, --wandb,
+...) goes to run_matbench.py unchanged, after a check against run_matbench.py's own
+parser. Values that start with a dash need `=`: --sbatch-args="--qos=high".
+
+The job script and one log per element go to OUT_DIR/job-logs/ (--log-dir), named
+RUN-<timestamp>.sh and RUN-<array job id>_<element>.log; the script's header holds
+the exact sbatch command. Featurize the tasks first (featurize_matbench.py); the
+submitting shell's environment (MATBENCH_DATA_DIR, a virtualenv's PATH) reaches the
+elements (sbatch exports it), and --pre-cmd runs in each element before Python.
+
+With --requeue, elements save checkpoints (run_matbench.py --checkpoint local).
+SLURM signals the element's shell --grace seconds before its time limit (USR1);
+the shell asks run_matbench.py to checkpoint and stop (SIGTERM), then requeues the
+element, which resumes from its last checkpoint. A preempted element gets SIGTERM
+(saving a checkpoint if the partition's GraceTime allows, otherwise the last one
+of every 10 epochs counts) and SLURM requeues it. A cancelled element stays so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mat_bench import ALL_TASKS, DATA_PATHS, N_FOLDS, ROOT, STRUCTURE_TASKS
+from mat_bench.data import UserError, check_fold, check_task, read_json_results
+
+# sbatch defaults in one place; every one has a flag
+DEFAULTS: dict[str, Any] = {
+    "partition": None,  # None: the cluster's default partition
+    "account": None,  # None: the user's default account
+    "time": "24:00:00",  # per element
+    "gpus_per_node": "1",  # N or TYPE:N (a100:1); 0 on a CPU cluster
+    "cpus_per_task": 4,
+    "mem": "16G",
+    "max_parallel": None,  # None: as many elements at once as the scheduler allows
+    "grace": 300,  # seconds before the time limit when a --requeue element stops
+}
+RUN_SCRIPT = Path(ROOT) / "run_matbench.py"
+
+
+# --- what to run ------------------------------------------------------------------
+def has_wyckoff_labels(task: str) -> bool:
+    """Whether the task's featurized file exists and holds at least one Wyckoff
+    (protostructure) label, which Wrenformer needs."""
+    path = DATA_PATHS[task]
+    if not os.path.isfile(path):
+        return False
+    try:
+        if "protostructure" not in pd.read_csv(path, nrows=0).columns:
+            return False
+        labels = pd.read_csv(path, usecols=["protostructure"]).protostructure
+    except Exception as exc:  # unreadable file: say which and how to fix it
+        raise UserError(
+            f"featurized file {path} is unreadable ({type(exc).__name__}): rebuild it "
+            f"with `python featurize_matbench.py --tasks {task} --force`"
+        ) from exc
+    return bool(labels.notna().any())
+
+
+def wrenformer_tasks() -> list[str]:
+    """Structure tasks whose featurized file has Wyckoff labels."""
+    return [task for task in STRUCTURE_TASKS if has_wyckoff_labels(task)]
+
+
+def select_pairs(model: str, tasks: Sequence[str] | None,
+                 folds: Sequence[int] | None) -> list[tuple[str, int]]:
+    """The (task, fold) pairs of a run: Roostformer on all tasks, Wrenformer on the
+    structure tasks with Wyckoff labels, narrowed by `tasks` and `folds`. Raises
+    UserError for an unknown task or fold, a model/task pair that cannot run, or a
+    task that has not been featurized."""
+    folds = sorted(set(range(N_FOLDS) if folds is None else folds))
+    for fold in folds:
+        check_fold(fold)
+    if tasks:
+        for task in tasks:
+            check_task(task)
+        tasks = list(dict.fromkeys(tasks))  # drop repeats, keep order
+    if model == "wrenformer":
+        if tasks is None or not tasks:
+            tasks = wrenformer_tasks()
+            if not tasks:
+                raise UserError(
+                    "no featurized structure task has Wyckoff labels, so Wrenformer "
+                    "has nothing to run: featurize a task whose structures are "
+                    "available (`python featurize_matbench.py --tasks "
+                    "matbench_phonons`)"
+                )
+        for task in tasks:
+            if task not in STRUCTURE_TASKS:
+                raise UserError(
+                    f"wrenformer needs crystal structures but {task} is a "
+                    "composition-only task: use --model roostformer for it"
+                )
+            if os.path.isfile(DATA_PATHS[task]) and not has_wyckoff_labels(task):
+                raise UserError(
+                    f"{task} has no Wyckoff labels in {DATA_PATHS[task]} (its "
+                    "structures were not available when it was featurized), so "
+                    "wrenformer cannot run on it; labelled tasks here: "
+                    f"{', '.join(wrenformer_tasks()) or 'none'}"
+                )
+    elif not tasks:
+        tasks = list(ALL_TASKS)
+    missing = [task for task in tasks if not os.path.isfile(DATA_PATHS[task])]
+    if missing:
+        raise UserError(
+            f"not featurized yet: {', '.join(missing)} (looked in "
+            f"{os.path.dirname(DATA_PATHS[missing[0]])}): run `python "
+            f"featurize_matbench.py --tasks {' '.join(missing)}` before submitting"
+        )
+    return [(task, fold) for task in tasks for fold in folds]
+
+
+def scores_path(out_dir: str | os.PathLike, run_name: str) -> Path:
+    """The run's merged scores file, as run_matbench.py writes it."""
+    return Path(out_dir) / "model_scores" / f"{run_name}.json"
+
+
+def done_pairs(path: str | os.PathLike, model: str) -> set[tuple[str, int]]:
+    """(task, fold) pairs that a scores file already holds. Raises UserError if the
+    file holds another model's results (a reused run name)."""
+    done = set()
+    for task, folds in read_json_results(path).items():
+        for key, entry in (folds or {}).items():
+            if not re.fullmatch(r"fold_\d+", key):
+                continue
+            other = (entry or {}).get("params", {}).get("model", model)
+            if other != model:
+                raise UserError(
+                    f"{path} holds {other} results ({task} {key}), not {model}: "
+                    "pick another --run-name"
+                )
+            done.add((task, int(key[5:])))
+    return done
+
+
+# --- the job ----------------------------------------------------------------------
+TASK_VAR, FOLD_VAR = '"$TASK"', '"$FOLD"'  # filled in by the job script
+
+
+def gpu_count(gpus_per_node: str) -> int:
+    """The number in --gpus-per-node's `N` or `TYPE:N`."""
+    return int(gpus_per_node.rsplit(":", 1)[-1])
+
+
+def run_matbench_args(model: str, run_name: str, out_dir: str | os.PathLike,
+                      extra: Sequence[str], gpus_per_node: str,
+                      requeue: bool) -> list[str]:
+    """run_matbench.py's arguments for an element, with TASK_VAR and FOLD_VAR for the
+    shell to fill in. The device follows --gpus-per-node and --requeue turns on
+    checkpoints, unless `extra` (the user's pass-through flags, last) says otherwise."""
+    args = ["--model", model, "--task", TASK_VAR, "--fold", FOLD_VAR,
+            "--run-name", run_name, "--out-dir", str(out_dir),
+            "--device", "cuda" if gpu_count(gpus_per_node) else "cpu",
+            "--no-progress"]
+    if requeue:
+        args += ["--checkpoint", "local"]
+    return args + list(extra)
+
+
+def check_run_args(args: Sequence[str], model: str, run_name: str,
+                   out_dir: str | os.PathLike, requeue: bool) -> None:
+    """Check an element's run_matbench.py arguments (from run_matbench_args) with its
+    own parser and argument checks, so that a typo fails here, not in every element."""
+    from mat_bench.run_matbench import DEFAULTS as RUN_DEFAULTS
+    from mat_bench.run_matbench import build_parser, check_args
+
+    task = ALL_TASKS[0] if model == "roostformer" else STRUCTURE_TASKS[0]
+    parser = build_parser()
+    parser.prog = "run_matbench.py"  # in its messages for bad values
+    sentinel = {TASK_VAR: "<task of the element>", FOLD_VAR: "99999"}
+    ns, unknown = parser.parse_known_args([sentinel.get(arg, arg) for arg in args])
+    if unknown:
+        raise UserError(
+            f"run_matbench.py does not take {' '.join(unknown)} (see `python "
+            "run_matbench.py --help`; options of slurm_submit.py: --help)"
+        )
+    for flag, value in (("--model", model), ("--task", sentinel[TASK_VAR]),
+                        ("--fold", 99999), ("--run-name", run_name),
+                        ("--out-dir", str(out_dir))):
+        if getattr(ns, flag[2:].replace("-", "_")) != value:
+            hint = {"--task": "use --tasks", "--fold": "use --folds"}.get(
+                flag, "give it once, spelled out in full")
+            raise UserError(f"{flag} is set by slurm_submit.py for each element: "
+                            f"{hint}")
+    if requeue and ns.checkpoint != "local":
+        raise UserError("--requeue resumes from checkpoints: drop --checkpoint none")
+    params = {key: getattr(ns, key) for key in RUN_DEFAULTS}
+    params["embedding_aggregations"] = tuple(params["embedding_aggregations"])
+    check_args(model, task, 0, params, ns.wandb, ns.checkpoint)
+
+
+def shell_command(args: Sequence[str]) -> str:
+    """`python run_matbench.py ARGS` as one shell-quoted line."""
+    return " ".join(["python", shlex.quote(str(RUN_SCRIPT))] + [
+        arg if arg in (TASK_VAR, FOLD_VAR) else shlex.quote(arg) for arg in args])
+
+
+def sbatch_options(args: argparse.Namespace, n_elements: int,
+                   log_dir: str | os.PathLike) -> list[str]:
+    """sbatch's options for the array: resources, one log per element, requeueing."""
+    array = f"0-{n_elements - 1}"
+    if args.max_parallel:
+        array += f"%{args.max_parallel}"
+    opts = [
+        f"--job-name={args.run_name}",
+        f"--array={array}",
+        f"--output={Path(log_dir) / f'{args.run_name}-%A_%a.log'}",
+        f"--time={args.time}",
+        "--nodes=1",
+        "--ntasks=1",
+        f"--cpus-per-task={args.cpus_per_task}",
+    ]
+    if args.partition:
+        opts.append(f"--partition={args.partition}")
+    if args.account:
+        opts.append(f"--account={args.account}")
+    if args.mem:
+        opts.append(f"--mem={args.mem}")
+    if gpu_count(args.gpus_per_node) > 0:
+        opts.append(f"--gpus-per-node={args.gpus_per_node}")
+    if args.requeue:
+        opts += ["--requeue", f"--signal=B:USR1@{args.grace}", "--open-mode=append"]
+    return opts + shlex.split(args.sbatch_args or "")
+
+
+def job_script(pairs: Sequence[tuple[str, int]], command: str, sbatch_cmd: str,
+               pre_cmd: str | None, requeue: bool) -> str:
+    """The array's batch script: element i runs `command` for pairs[i]."""
+    pair_lines = "\n".join(f"  '{task} {fold}'" for task, fold in pairs)
+    lines = [
+        "#!/bin/bash",
+        f"# Matbench job array written by slurm_submit.py on "
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}, submitted with:",
+        f"#   {sbatch_cmd}",
+        "# One element per (task, fold) pair below; SLURM_ARRAY_TASK_ID indexes them.",
+        "set -eo pipefail",
+        "",
+        f"PAIRS=(\n{pair_lines}\n)",
+        'read -r TASK FOLD <<< "${PAIRS[$SLURM_ARRAY_TASK_ID]}"',
+        'echo "[$(date -Is)] element ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} '
+        '(job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}) on $(hostname): '
+        '$TASK fold $FOLD"',
+        "",
+    ]
+    if pre_cmd:
+        lines += ["# --pre-cmd", pre_cmd, ""]
+    lines += [
+        "# one thread per allocated CPU unless set already",
+        'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
+        f"cd {shlex.quote(ROOT)}",
+    ]
+    if not requeue:
+        # exec: the Python process is the batch shell and gets SLURM's signals
+        lines.append(f"exec {command}")
+        return "\n".join(lines) + "\n"
+    lines += [
+        "",
+        "# USR1 (sbatch --signal) comes shortly before the time limit: tell Python to",
+        "# checkpoint and stop (SIGTERM), then requeue this element, which resumes.",
+        "# SIGTERM (preemption, scancel) is passed on the same way; SLURM itself",
+        "# requeues a preempted element, a cancelled one stays cancelled.",
+        "set +e",
+        f"{command} &",
+        "child=$!",
+        "time_up=0",
+        "trap 'time_up=1; kill -TERM $child 2>/dev/null' USR1",
+        "trap 'kill -TERM $child 2>/dev/null' TERM",
+        "wait $child; status=$?",
+        "# a trapped signal ends `wait` early: wait until Python has really exited",
+        "while kill -0 $child 2>/dev/null; do wait $child; status=$?; done",
+        'if [[ $time_up == 1 && $status != 0 ]]; then',
+        '  echo "[$(date -Is)] time limit near: requeueing job $SLURM_JOB_ID to '
+        'resume from its checkpoint"',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        "exit $status",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def check_sbatch() -> None:
+    """Raise UserError if there is no sbatch to submit with."""
+    if shutil.which("sbatch") is None:
+        raise UserError(
+            "sbatch not found: this machine has no SLURM client on PATH. Run on the "
+            "cluster's login node, or use --dry-run to print the job script and the "
+            "sbatch command without submitting"
+        )
+
+
+def submit(sbatch_cmd: Sequence[str]) -> str:
+    """Run sbatch and return the job id; UserError if sbatch refuses the job."""
+    result = subprocess.run(sbatch_cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        message = (result.stderr.strip() or result.stdout.strip() or
+                   f"exit status {result.returncode}")
+        raise UserError(f"sbatch rejected the job: {message}")
+    # --parsable prints "jobid" or "jobid;cluster"
+    return result.stdout.strip().splitlines()[-1].split(";")[0]
+
+
+# --- command line -----------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """slurm_submit.py's own flags; the rest go to run_matbench.py."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # never swallow a run_matbench.py flag as a prefix
+    )
+    run = parser.add_argument_group("what to run")
+    run.add_argument("--model", required=True, choices=["roostformer", "wrenformer"])
+    run.add_argument("--run-name", required=True,
+                     help="results file name shared by every element")
+    run.add_argument("--tasks", nargs="+", metavar="T", help="default: all tasks "
+                     "the model can run")
+    run.add_argument("--folds", nargs="+", type=int, metavar="F",
+                     help="default: 0 1 2 3 4")
+    run.add_argument("--out-dir", default=ROOT,
+                     help="folder for model_scores/, model_preds/, checkpoints/ "
+                     "(default: the repository)")
+    run.add_argument("--log-dir", default=None,
+                     help="job script and logs (default: OUT_DIR/job-logs)")
+    run.add_argument("--only-missing", action="store_true",
+                     help="submit only the pairs the run's scores file lacks")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the sbatch command and job script, submit nothing")
+    slurm = parser.add_argument_group("sbatch options")
+    slurm.add_argument("--partition", default=DEFAULTS["partition"],
+                       help="default: the cluster's default partition")
+    slurm.add_argument("--account", default=DEFAULTS["account"],
+                       help="default: your default account")
+    slurm.add_argument("--time", default=DEFAULTS["time"],
+                       help="time limit per element (default: %(default)s)")
+    slurm.add_argument("--gpus-per-node", default=DEFAULTS["gpus_per_node"],
+                       metavar="[TYPE:]G", help="GPUs per element, e.g. 1 or a100:1; "
+                       "0 for CPU only (default: %(default)s)")
+    slurm.add_argument("--cpus-per-task", type=int, default=DEFAULTS["cpus_per_task"],
+                       help="default: %(default)s")
+    slurm.add_argument("--mem", default=DEFAULTS["mem"],
+                       help="memory per element, '' for the cluster's default "
+                       "(default: %(default)s)")
+    slurm.add_argument("--max-parallel", type=int, default=DEFAULTS["max_parallel"],
+                       metavar="K", help="at most K elements at once (array %%K)")
+    slurm.add_argument("--pre-cmd", default=None, metavar="CMD",
+                       help="shell commands run first in each element (module "
+                       "loads, environment activation)")
+    slurm.add_argument("--sbatch-args", default="", metavar="ARGS",
+                       help='extra raw sbatch flags, e.g. --sbatch-args="--qos=high"')
+    slurm.add_argument("--requeue", action="store_true",
+                       help="checkpoint and requeue elements at their time limit or "
+                       "on preemption; they resume from the checkpoint")
+    slurm.add_argument("--grace", type=int, default=DEFAULTS["grace"],
+                       metavar="SECONDS", help="with --requeue: stop this long "
+                       "before the time limit (default: %(default)s)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Plan, write and submit the array; returns the exit status."""
+    args, extra = build_parser().parse_known_args(argv)
+    try:
+        return submit_run(args, extra)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def submit_run(args: argparse.Namespace, extra: list[str]) -> int:
+    """Everything main does after parsing (`extra`: flags for run_matbench.py);
+    raises UserError."""
+    if not re.fullmatch(r"[\w.+@-]+", args.run_name):
+        raise UserError(f"--run-name {args.run_name!r} may hold only letters, digits "
+                        "and . _ - + @ (it names files)")
+    if not re.fullmatch(r"([\w.-]+:)?\d+", args.gpus_per_node):
+        raise UserError(f"--gpus-per-node takes a count or TYPE:COUNT (a100:1), got "
+                        f"{args.gpus_per_node!r}")
+    if args.grace < 0:
+        raise UserError(f"--grace must not be negative, got {args.grace}")
+    if args.cpus_per_task < 1:
+        raise UserError(f"--cpus-per-task must be at least 1, got {args.cpus_per_task}")
+    if (args.max_parallel or 0) < 0:  # 0 means no limit, like leaving it out
+        raise UserError(f"--max-parallel must not be negative, got {args.max_parallel}")
+    out_dir = Path(args.out_dir).resolve()
+    element_args = run_matbench_args(args.model, args.run_name, out_dir, extra,
+                                     args.gpus_per_node, args.requeue)
+    check_run_args(element_args, args.model, args.run_name, out_dir, args.requeue)
+    log_dir = Path(args.log_dir).resolve() if args.log_dir else out_dir / "job-logs"
+
+    pairs = select_pairs(args.model, args.tasks, args.folds)
+    scores = scores_path(out_dir, args.run_name)
+    done = done_pairs(scores, args.model)
+    if args.only_missing:
+        n_all = len(pairs)
+        pairs = [pair for pair in pairs if pair not in done]
+        if not pairs:
+            print(f"nothing to submit: {scores} holds all {n_all} (task, fold) pairs")
+            return 0
+        print(f"{len(pairs)} of {n_all} (task, fold) pairs missing from {scores}")
+    elif overlap := done.intersection(pairs):
+        print(f"note: {scores} holds {len(overlap)} of these pairs already; they will "
+              "be rerun and overwritten (--only-missing skips them)", file=sys.stderr)
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    script_path = log_dir / f"{args.run_name}-{stamp}.sh"
+    for i in range(1, 1000):  # two submissions within a second
+        if not script_path.exists():
+            break
+        script_path = log_dir / f"{args.run_name}-{stamp}-{i}.sh"
+    sbatch_cmd = ["sbatch", "--parsable",
+                  *sbatch_options(args, len(pairs), log_dir), str(script_path)]
+    script = job_script(pairs, shell_command(element_args), shlex.join(sbatch_cmd),
+                        args.pre_cmd, args.requeue)
+    if args.dry_run:
+        print(f"# dry run: would write {script_path} and run\n{shlex.join(sbatch_cmd)}"
+              f"\n# --- {script_path.name}\n{script}", end="")
+        return 0
+
+    check_sbatch()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    script_path.write_text(script)
+    script_path.chmod(0o755)
+    try:
+        job_id = submit(sbatch_cmd)
+    except BaseException:
+        script_path.unlink()  # nothing was submitted: leave no script behind
+        raise
+    print(f"submitted job array {job_id}: {len(pairs)} elements of {args.model} run "
+          f"{args.run_name!r}\n  script: {script_path}\n  logs:   "
+          f"{log_dir / f'{args.run_name}-{job_id}_<element>.log'}\n  scores: {scores}")
+    print(job_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
