@@ -1,0 +1,345 @@
+"""Compare our Roostformer and Wrenformer runs with the published Matbench
+leaderboard: figures (interactive HTML and PNG), the leaderboard table (terminal,
+CSV, Markdown) and one HTML report page, OUT_DIR/index.html, showing them all.
+
+Examples:
+    python make_plots.py                      # every run in model_scores/
+    python make_plots.py --runs roostformer-steels wrenformer-phonons
+    python make_plots.py --benchmarks-dir ../shared/matbench/benchmarks --out-dir plots
+    python make_plots.py --peers CrabNet "RF-SCM/Magpie" --no-png
+
+Our runs are read from model_scores/ (which folds exist, run parameters) and
+model_preds/ (test predictions); a run may be partial (missing folds), and is shown
+as such. The leaderboard is a clone of the matbench repository's benchmarks/ folder
+(--benchmarks-dir or $MATBENCH_BENCHMARKS_DIR). Every model, ours and published, is
+scored from its recorded predictions on Matbench's folds by the same code; the
+published scores are cached in OUT_DIR/leaderboard_cache.json.
+
+Outputs in OUT_DIR: index.html (the report), leaderboard.{csv,md}, and .html/.png of
+leaderboard (scaled error per task), heatmap (models x tasks), parity_<task>
+(regression), roc_<task> (classification) and fold_spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import html
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from mat_bench import ALL_TASKS, N_FOLDS, ROOT, TASK_INFO
+from mat_bench.data import UserError, atomic_path, check_task
+from mat_bench.leaderboard import (
+    BENCHMARKS_ENV,
+    DEFAULT_PREDS_DIR,
+    DEFAULT_SCORES_DIR,
+    MATBENCH,
+    OURS,
+    Results,
+    benchmarks_dir,
+    leaderboard_fold_scores,
+    load_leaderboard,
+    load_runs,
+    rank_table,
+    score_results,
+    task_scores,
+)
+from mat_bench.plotting_functions import (
+    METRIC_LABELS,
+    PLOTLY_JS,
+    fold_spread_figure,
+    heatmap_figure,
+    heatmap_table,
+    leaderboard_figure,
+    parity_figure,
+    roc_figure,
+    short_task,
+    write_figures,
+)
+
+# --- defaults, in one place -------------------------------------------------------
+DEFAULT_OUT_DIR = os.path.join(ROOT, "plots")
+CACHE_FILE = "leaderboard_cache.json"  # published scores, recomputed when stale
+N_DEFAULT_PEERS = 2  # parity/ROC peers per task: the best published entries
+
+
+# --- choosing what to show --------------------------------------------------------
+def our_tasks(runs: list[Results]) -> list[str]:
+    """Tasks that at least one of our runs has, in Matbench order."""
+    present = {task for run in runs for task in run.tasks}
+    return [task for task in ALL_TASKS if task in present]
+
+
+def heatmap_models(per_task: pd.DataFrame, tasks: list[str]) -> list[str]:
+    """Our runs plus the published entries that have at least half of `tasks`
+    (our tasks): enough overlap for a comparison."""
+    need = math.ceil(len(tasks) / 2)
+    shared = per_task[per_task["task"].isin(tasks)].groupby("name")["task"].nunique()
+    ours = per_task.loc[per_task["source"] == OURS, "name"].unique().tolist()
+    published = per_task.loc[per_task["source"] == MATBENCH, "name"].unique()
+    return ours + [name for name in published if shared.get(name, 0) >= need]
+
+
+def choose_peers(per_task: pd.DataFrame, task: str, peers: list[str] | None
+                 ) -> list[str]:
+    """Published entries to draw beside ours on a task: those named in `peers`
+    (algorithm or folder name) that have the task, else the best complete ones."""
+    sub = per_task[(per_task["task"] == task) & (per_task["source"] == MATBENCH)]
+    if peers is not None:
+        return sub.loc[sub["name"].isin(peers) | sub["key"].isin(peers),
+                       "name"].tolist()
+    complete = sub[sub["n_folds"] == N_FOLDS].sort_values("scaled_error")
+    return complete["name"].head(N_DEFAULT_PEERS).tolist()
+
+
+# --- tables -----------------------------------------------------------------------
+def run_summary(runs: list[Results]) -> pd.DataFrame:
+    """One row per (run, task): model, folds present, epochs and device."""
+    rows = []
+    for run in runs:
+        for task in run.tasks:
+            entries = run.info["scores"][task].values()
+            params = [e.get("params", {}) for e in entries]
+            rows.append({
+                "run": run.key, "model": run.name.split(" (")[0], "task": task,
+                "folds": f"{len(entries)}/{N_FOLDS}"
+                         + ("" if len(entries) == N_FOLDS else " (partial)"),
+                "epochs": "/".join(sorted({str(e.get("epochs", "?"))
+                                           for e in entries})),
+                "device": "/".join(sorted({str(p.get("device", "?"))
+                                           for p in params})),
+            })
+    return pd.DataFrame(rows)
+
+
+def terminal_table(table: pd.DataFrame) -> str:
+    """The ranked leaderboard per task as plain text; our rows marked with >>."""
+    blocks = []
+    for task, sub in table.groupby("task", sort=False):
+        metric = METRIC_LABELS[sub["metric"].iloc[0]]
+        text = pd.DataFrame({
+            "": [">>" if s == OURS else "" for s in sub["source"]],
+            "rank": sub["rank"], "model": sub["model"], "folds": sub["folds"],
+            metric: [f"{m:.4g} ± {s:.2g}" for m, s in zip(sub["mean"], sub["std"])],
+            "scaled error": [f"{v:.4f}" for v in sub["scaled_error"]],
+        })
+        if sub["rocauc_prob"].notna().any():
+            text[PROB_LABEL] = [_fmt(v) for v in sub["rocauc_prob"]]
+        text = text.to_string(index=False)
+        blocks.append(f"{task} ({metric}; ranked by scaled error, lower is better)\n"
+                      f"{text}")
+    return "\n\n".join(blocks)
+
+
+PROB_LABEL = "ROC-AUC of probabilities"
+TABLE_NOTE = (
+    "Scaled error: MAE / MAD of the target (regression) or (1 - ROC-AUC) / 0.5 "
+    "(classification); mean ± std over the test folds. ROC-AUC is computed as "
+    "matbench scores a submission (and as the published leaderboard shows it): "
+    "from class labels, probabilities thresholded at 0.5. " + PROB_LABEL + ": "
+    "from the probabilities, where a model recorded them.")
+
+
+def _fmt(value: float) -> str:
+    return "–" if pd.isna(value) else f"{value:.4f}"
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The ranked leaderboard per task as Markdown; our rows in bold."""
+    lines = ["# Matbench leaderboard with our runs", "", TABLE_NOTE, ""]
+    for task, sub in table.groupby("task", sort=False):
+        metric = METRIC_LABELS[sub["metric"].iloc[0]]
+        prob = sub["rocauc_prob"].notna().any()
+        lines += [f"## {task}", "",
+                  f"| rank | model | folds | {metric} | scaled error |"
+                  + (f" {PROB_LABEL} |" if prob else ""),
+                  "| ---: | --- | ---: | ---: | ---: |" + (" ---: |" if prob else "")]
+        for row in sub.itertuples():
+            bold = "**" if row.source == OURS else ""
+            lines.append(f"| {row.rank} | {bold}{row.model}{bold} | {row.folds} | "
+                         f"{row.mean:.4g} ± {row.std:.2g} | {row.scaled_error:.4f} |"
+                         + (f" {_fmt(row.rocauc_prob)} |" if prob else ""))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write a text file whole or not at all."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as file:
+        file.write(text)
+    return path
+
+
+# --- figures and report -----------------------------------------------------------
+def build_figures(runs: list[Results], published: list[Results],
+                  fold_scores: pd.DataFrame, per_task: pd.DataFrame,
+                  tasks: list[str], peers: list[str] | None) -> dict[str, go.Figure]:
+    """All figures by file stem: leaderboard, heatmap, parity_<task> or
+    roc_<task> per task, fold_spread."""
+    ours = {run.name for run in runs}
+    figures = {
+        "leaderboard": leaderboard_figure(per_task, tasks),
+        "heatmap": heatmap_figure(per_task, heatmap_models(per_task, tasks)),
+    }
+    by_name = {res.name: res for res in published}
+    for task in tasks:
+        preds = {run.name: run.task_preds(task) for run in runs if task in run.tasks}
+        preds |= {name: by_name[name].task_preds(task)
+                  for name in choose_peers(per_task, task, peers) if name in by_name}
+        if TASK_INFO[task][1] == "regression":
+            figures[f"parity_{short_task(task)}"] = parity_figure(task, preds, ours)
+        else:
+            figures[f"roc_{short_task(task)}"] = roc_figure(task, preds, ours)
+    figures["fold_spread"] = fold_spread_figure(
+        fold_scores[fold_scores["task"].isin(tasks)], tasks)
+    return figures
+
+
+REPORT_CSS = """
+body { font-family: Arial, sans-serif; margin: 2em auto; max-width: 1150px; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 14px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+td:nth-child(3), th:nth-child(3) { text-align: left; }
+tr.ours { background: #fde2e2; font-weight: bold; }
+.figure { margin: 1em 0 2.5em; overflow-x: auto; }
+"""
+
+
+def report_html(table: pd.DataFrame, summary: pd.DataFrame,
+                figures: dict[str, go.Figure], benchmarks: Path) -> str:
+    """The report page: our runs, the ranked leaderboard and every figure (loading
+    plotly.min.js from the same folder)."""
+    parts = [f"<h1>Roostformer and Wrenformer on the Matbench leaderboard</h1>"
+             f"<p>Generated {datetime.datetime.now():%Y-%m-%d %H:%M} from the "
+             f"leaderboard in <code>{html.escape(benchmarks.name)}/</code>. "
+             f"{html.escape(TABLE_NOTE)} Lower scaled error is better.</p>",
+             "<h2>Our runs</h2>", summary.to_html(index=False, border=0)]
+    parts.append("<h2>Leaderboard per task</h2>")
+    for task, sub in table.groupby("task", sort=False):
+        metric = METRIC_LABELS[sub["metric"].iloc[0]]
+        prob = sub["rocauc_prob"].notna().any()
+        rows = "".join(
+            f"<tr{' class=ours' if r.source == OURS else ''}><td>{r.rank}</td>"
+            f"<td>{r.folds}</td><td>{html.escape(r.model)}</td>"
+            f"<td>{r.mean:.4g} ± {r.std:.2g}</td><td>{r.scaled_error:.4f}</td>"
+            + (f"<td>{_fmt(r.rocauc_prob)}</td>" if prob else "") + "</tr>"
+            for r in sub.itertuples())
+        parts.append(f"<h3>{task}</h3><table><tr><th>rank</th><th>folds</th>"
+                     f"<th>model</th><th>{metric}</th><th>scaled error</th>"
+                     + (f"<th>{PROB_LABEL}</th>" if prob else "")
+                     + f"</tr>{rows}</table>")
+    parts.append("<h2>Figures</h2>")
+    for name, fig in figures.items():
+        parts.append(f'<div class="figure" id="{name}"><p><a href="{name}.html">'
+                     f'{name}.html</a> · <a href="{name}.png">{name}.png</a></p>'
+                     f"{fig.to_html(full_html=False, include_plotlyjs=False)}</div>")
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            "<title>Matbench comparison</title>"
+            f"<script src='{PLOTLY_JS}'></script><style>{REPORT_CSS}</style></head>"
+            f"<body>{''.join(parts)}</body></html>")
+
+
+def make_plots(
+    scores_dir: str | os.PathLike = DEFAULT_SCORES_DIR,
+    preds_dir: str | os.PathLike = DEFAULT_PREDS_DIR,
+    benchmarks: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike = DEFAULT_OUT_DIR,
+    runs: list[str] | None = None,
+    peers: list[str] | None = None,
+    tasks: list[str] | None = None,
+    png: bool = True,
+) -> dict[str, Any]:
+    """Build everything into out_dir and return {"table": ranked leaderboard,
+    "heatmap": heatmap table, "per_task": scores per model and task, "files": paths
+    written}. `tasks` restricts the comparison (default: every task, so that the
+    heatmap shows the published entries' other tasks too)."""
+    for task in tasks or []:
+        check_task(task)
+    folder = benchmarks_dir(benchmarks)
+    out_dir = Path(out_dir)
+    our_runs = load_runs(scores_dir, preds_dir, runs)
+    if tasks:
+        for run in our_runs:
+            run.preds = run.preds[run.preds["task"].isin(tasks)]
+        our_runs = [run for run in our_runs if len(run.preds)]
+        if not our_runs:
+            raise UserError(f"none of the runs has results for {', '.join(tasks)}")
+    shown = our_tasks(our_runs)
+
+    published_scores = leaderboard_fold_scores(folder, tasks or list(ALL_TASKS),
+                                               out_dir / CACHE_FILE)
+    fold_scores = pd.concat([score_results(our_runs), published_scores],
+                            ignore_index=True)
+    per_task = task_scores(fold_scores)
+    table = rank_table(per_task, shown)
+
+    published_names = per_task.loc[per_task["source"] == MATBENCH, ["name", "key"]]
+    unknown = sorted(set(peers or []) - set(published_names.to_numpy().ravel()))
+    if unknown:
+        raise UserError(f"unknown --peers {', '.join(unknown)}: choose among "
+                        f"{', '.join(sorted(published_names['name'].unique()))}")
+    # predictions of the published peers, only for the tasks and entries drawn
+    keys = {per_task.loc[(per_task["name"] == name), "key"].iloc[0]
+            for task in shown for name in choose_peers(per_task, task, peers)}
+    published = load_leaderboard(folder, shown, sorted(keys)) if keys else []
+    figures = build_figures(our_runs, published, fold_scores, per_task, shown, peers)
+
+    files = write_figures(figures, out_dir, png=png)
+    files.append(write_text(out_dir / "leaderboard.csv",
+                            table.to_csv(index=False, float_format="%.6g")))
+    files.append(write_text(out_dir / "leaderboard.md", markdown_table(table)))
+    files.append(write_text(out_dir / "index.html", report_html(
+        table, run_summary(our_runs), figures, folder)))
+    return {"table": table, "heatmap": heatmap_table(
+        per_task, heatmap_models(per_task, shown))[0], "per_task": per_task,
+        "files": files}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scores-dir", default=DEFAULT_SCORES_DIR,
+                        help="our runs' scores (default: model_scores/)")
+    parser.add_argument("--preds-dir", default=DEFAULT_PREDS_DIR,
+                        help="our runs' predictions (default: model_preds/)")
+    parser.add_argument("--benchmarks-dir", default=None,
+                        help="matbench's benchmarks/ folder "
+                        f"(default: ${BENCHMARKS_ENV})")
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
+                        help="where the report and figures go (default: plots/)")
+    parser.add_argument("--runs", nargs="+", metavar="NAME",
+                        help="runs to show (default: all in --scores-dir)")
+    parser.add_argument("--peers", nargs="+", metavar="NAME",
+                        help="published models drawn in the parity and ROC plots "
+                        f"(default: the {N_DEFAULT_PEERS} best on each task)")
+    parser.add_argument("--tasks", nargs="+", metavar="TASK",
+                        help="compare on these tasks only (default: all)")
+    parser.add_argument("--no-png", action="store_true", help="HTML figures only")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = make_plots(args.scores_dir, args.preds_dir, args.benchmarks_dir,
+                         args.out_dir, args.runs, args.peers, args.tasks,
+                         png=not args.no_png)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(terminal_table(out["table"]))
+    print(f"\nwrote {len(out['files'])} files; report: "
+          f"{Path(args.out_dir) / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""make_submission.py on results that run_matbench.py produces here: a folder that
+matbench itself reloads as valid, with a truly gzip-compressed results file,
+Matbench's info.json fields and the source; incomplete tasks reported; errors."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mat_bench.data import read_json_results
+from mat_bench.leaderboard import load_runs, score_results
+from mat_bench.make_submission import INFO_FIELDS, load_submission, make_submission
+from mat_bench.make_submission import main as submission_main
+from mat_bench.run_matbench import run_matbench
+
+STEELS, IS_METAL = "matbench_steels", "matbench_expt_is_metal"
+RUN = "roost-test"
+TINY = {"d_model": 32, "n_heads": 2, "n_attn_layers": 1}  # fast model for plumbing
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory, featurized) -> Path:
+    """A real Roostformer run from run_matbench: steels (5 folds, 2 epochs) and
+    expt_is_metal (5 folds, 1 epoch); made once per session (test_plots.py makes
+    the same one in the same place)."""
+    out = tmp_path_factory.getbasetemp() / "real_run"
+    done = out / "model_scores" / f"{RUN}.json"
+    if not done.is_file() or sum(map(len, read_json_results(done).values())) < 10:
+        featurized(STEELS, IS_METAL)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a tiny model: more threads only contend
+        try:
+            for task, epochs in ((STEELS, 2), (IS_METAL, 1)):
+                for fold in range(5):
+                    run_matbench("roostformer", task, fold, epochs=epochs,
+                                 run_name=RUN, out_dir=out, device="cpu",
+                                 progress=False, **TINY)
+        finally:
+            torch.set_num_threads(threads)
+    return out
+
+
+def partial_copy(src: Path, dest: Path, task: str, keep: int) -> Path:
+    """A copy of the real run that keeps only the first `keep` folds of `task`."""
+    for sub in ("model_scores", "model_preds"):
+        data = read_json_results(src / sub / f"{RUN}.json")
+        data[task] = {k: v for k, v in data[task].items() if int(k[-1]) < keep}
+        if not data[task]:
+            data.pop(task)
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+        (dest / sub / f"{RUN}.json").write_text(json.dumps(data))
+    return dest
+
+
+def run_cli(argv, capsys):
+    code = submission_main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_submission_is_valid_for_matbench(real_run, tmp_path, capsys):
+    folder = tmp_path / "matbench_v0.1_Roostformer"
+    code, out, err = run_cli(["--run", RUN, "--scores-dir", real_run / "model_scores",
+                              "--preds-dir", real_run / "model_preds", "--out-dir",
+                              folder, "--authors", "A. Tester"], capsys)
+    assert code == 0, err
+    assert "2 task(s)" in out and not err
+    results = folder / "results.json.gz"
+    assert results.read_bytes()[:2] == b"\x1f\x8b"  # really gzip
+    # matbench's own loader, the way the leaderboard reads submissions
+    from matbench.bench import MatbenchBenchmark
+
+    with gzip.open(results, "rt") as file:
+        bench = MatbenchBenchmark.from_dict(json.load(file))
+    assert bench.validate() == {} and bench.is_recorded
+    assert sorted(bench.tasks_map) == [IS_METAL, STEELS]
+    # matbench's scores of the recorded predictions are ours
+    (run,) = load_runs(real_run / "model_scores", real_run / "model_preds")
+    ours = score_results([run]).set_index(["task", "fold"])
+    for fold in range(5):
+        fold_key = f"fold_{fold}"
+        steels = bench.tasks_map[STEELS].results[fold_key]
+        assert steels.scores.mae == pytest.approx(ours.loc[(STEELS, fold), "mae"])
+        metal = bench.tasks_map[IS_METAL].results[fold_key]
+        assert metal.scores.rocauc == pytest.approx(ours.loc[(IS_METAL, fold),
+                                                             "rocauc"])
+        assert all(isinstance(p, float) and 0 <= p <= 1 for p in metal.data.values())
+    info = json.loads((folder / "info.json").read_text())
+    assert set(INFO_FIELDS) <= set(info)
+    assert all(isinstance(info[k], str) and info[k] for k in INFO_FIELDS)
+    assert info["authors"] == "A. Tester" and info["algorithm"] == "Roostformer"
+    assert "@article" in info["bibtex_refs"] and "matbench==" in info["requirements"]
+    for name in ("run_matbench.py", "make_submission.py", "data.py"):
+        assert (folder / "source" / name).is_file()
+
+
+def test_incomplete_task_is_reported_not_dropped(real_run, tmp_path, capsys):
+    src = partial_copy(real_run, tmp_path / "run", IS_METAL, keep=3)
+    folder = tmp_path / "sub"
+    code, out, err = run_cli(["--run", RUN, "--scores-dir", src / "model_scores",
+                              "--preds-dir", src / "model_preds", "--out-dir", folder],
+                             capsys)
+    assert code == 0
+    assert f"warning: {IS_METAL} has 3/5 folds: run folds 3, 4" in err
+    assert "edit 'authors'" in err  # no --authors: a placeholder, said out loud
+    assert f"not included (incomplete): {IS_METAL}" in out
+    bench = load_submission(folder)
+    assert list(bench.tasks_map) == [STEELS]
+    info = json.loads((folder / "info.json").read_text())
+    assert f"{IS_METAL} (3/5 folds)" in info["notes"]
+
+
+def test_rerun_replaces_a_previous_submission(real_run, tmp_path):
+    folder = tmp_path / "sub"
+    src = partial_copy(real_run, tmp_path / "run", IS_METAL, keep=0)
+    make_submission(RUN, folder, src / "model_scores", src / "model_preds", "A")
+    assert list(load_submission(folder).tasks_map) == [STEELS]
+    make_submission(RUN, folder, real_run / "model_scores", real_run / "model_preds",
+                    "A")
+    assert sorted(load_submission(folder).tasks_map) == [IS_METAL, STEELS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "sub"]  # no debris
+
+
+def test_no_complete_task(real_run, tmp_path, capsys):
+    src = partial_copy(real_run, tmp_path / "run", STEELS, keep=2)
+    src = partial_copy(src, src, IS_METAL, keep=1)
+    code, _, err = run_cli(["--run", RUN, "--scores-dir", src / "model_scores",
+                            "--preds-dir", src / "model_preds", "--out-dir",
+                            tmp_path / "sub"], capsys)
+    assert code == 2 and err.startswith("error: run 'roost-test' has no task with all")
+    assert STEELS in err and IS_METAL in err and err.count("\n") == 1
+    assert not (tmp_path / "sub").exists()
+
+
+def test_unknown_run(real_run, tmp_path, capsys):
+    code, _, err = run_cli(["--run", "nope", "--scores-dir", real_run / "model_scores",
+                            "--preds-dir", real_run / "model_preds", "--out-dir",
+                            tmp_path / "sub"], capsys)
+    assert code == 2 and "no run 'nope'" in err and RUN in err
+
+
+def test_refuses_a_folder_that_is_not_a_submission(real_run, tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("keep me")
+    code, _, err = run_cli(["--run", RUN, "--scores-dir", real_run / "model_scores",
+                            "--preds-dir", real_run / "model_preds", "--out-dir",
+                            tmp_path], capsys)
+    assert code == 2 and "not a submission folder" in err
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_tampered_results_are_invalid(real_run, tmp_path):
+    folder = tmp_path / "sub"
+    make_submission(RUN, folder, real_run / "model_scores", real_run / "model_preds",
+                    "A")
+    with gzip.open(folder / "results.json.gz", "rt") as file:
+        data = json.load(file)
+    fold = data["tasks"][STEELS]["results"]["fold_0"]["data"]
+    fold[next(iter(fold))] += 1.0
+    with gzip.open(folder / "results.json.gz", "wt") as file:
+        json.dump(data, file)
+    from mat_bench.data import UserError
+
+    with pytest.raises(UserError, match="not a valid matbench results file"):
+        load_submission(folder)
