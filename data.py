@@ -5,6 +5,8 @@ Matbench's own folds, and the JSON result files that many jobs merge into at onc
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import gzip
 import json
 import math
@@ -156,14 +158,23 @@ def load_featurized(task: str) -> pd.DataFrame:
 
 # --- Matbench folds ---------------------------------------------------------------
 def get_fold_ids(task: str, fold: int) -> tuple[list[str], list[str]]:
-    """Matbench v0.1's own (train+val ids, test ids) for one task and fold, read from
-    the validation splits that ship inside the matbench package."""
+    """Matbench v0.1's own (train+val ids, test ids) for one task and fold, from the
+    validation splits that ship inside the matbench package (read directly: importing
+    matbench pulls in matminer and takes seconds)."""
     check_task(task)
     check_fold(fold)
-    from matbench.metadata import mbv01_validation
+    splits = _matbench_splits()[task][f"fold_{fold}"]
+    return list(splits["train"]), list(splits["test"])
 
-    split = mbv01_validation.splits[task][f"fold_{fold}"]
-    return list(split.train), list(split.test)
+
+@functools.cache
+def _matbench_splits() -> dict[str, Any]:
+    spec = importlib.util.find_spec("matbench")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("matbench is not installed: pip install --no-deps matbench==0.6")
+    path = Path(spec.submodule_search_locations[0]) / "matbench_v0.1_validation.json"
+    with open(path) as file:
+        return json.load(file)["splits"]
 
 
 # --- result files -----------------------------------------------------------------
