@@ -122,7 +122,12 @@ def featurize(tasks: Sequence[str] = ALL_TASKS, force: bool = False,
             continue
         rows.append(featurize_task(task, backend, symprec, workers))
         print(f"wrote {DATA_PATHS[task]}", flush=True)
-    return pd.DataFrame(rows).set_index("task").fillna("")
+    summary = pd.DataFrame(rows).set_index("task")
+    for col in ("rows", "labelled", "failed"):
+        if col in summary:
+            summary[col] = summary[col].astype("Int64")
+    cols = ["rows", "labelled", "failed", "seconds", "note"]
+    return summary.reindex(columns=[c for c in cols if c in summary])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(summary.to_string())
+    print(summary.to_string(na_rep=""))
     return 0
 
 

@@ -46,9 +46,9 @@ from mat_bench.data import (
 MODELS = ("roostformer", "wrenformer")
 # defaults in one place: the hyperparameters used for every committed result
 DEFAULTS: dict[str, Any] = {
-    "epochs": 100,
+    "epochs": 300,
     "batch_size": 128,
-    "learning_rate": 5e-4,
+    "learning_rate": 1e-3,
     "weight_decay": 1e-2,
     "warmup_frac": 0.05,
     "n_attn_layers": 3,
@@ -60,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "robust": False,
     "val_fraction": 0.1,
     "seed": 0,
+    "amp": None,  # bf16 autocast: None = on for CUDA, off for CPU
 }
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
 
@@ -258,7 +259,8 @@ def run_matbench(
         task_type=task_type, epochs=params["epochs"],
         learning_rate=params["learning_rate"], weight_decay=params["weight_decay"],
         warmup_frac=params["warmup_frac"], robust=params["robust"],
-        amp=dev.type == "cuda", seed=params["seed"],
+        amp=dev.type == "cuda" if params["amp"] is None else params["amp"],
+        seed=params["seed"],
     )
     optimizer, scheduler = make_optimizer(net, cfg, cfg.epochs * fit_data.n_batches())
     state = TrainState(net, optimizer, scheduler, normalizer)
@@ -312,7 +314,10 @@ def run_matbench(
         previous_handler = signal.signal(
             signal.SIGTERM, lambda *_: stop_requested.append(True))
 
+    last_metrics: dict[str, float] = {}
+
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> bool:
+        last_metrics.update(metrics)
         if wandb_run is not None:
             wandb_run.log({"epoch": epoch, **metrics})
         if checkpoint == "local" and (stop_requested or epoch % 10 == 0
@@ -346,6 +351,7 @@ def run_matbench(
     n_samples = (state.epoch - 0) * len(fit_data)
     entry = {
         **test_scores,
+        **{k: v for k, v in last_metrics.items() if k.startswith("val_")},
         "n_train": len(fit_data), "n_val": len(val_data), "n_test": len(test_df),
         "n_test_unlabelled": int((~test_ok).sum()),
         "epochs": state.epoch,
@@ -390,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "val_fraction"):
         hyper.add_argument(f"--{key.replace('_', '-')}", type=float,
                            default=DEFAULTS[key])
+    hyper.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 autocast (default: on for CUDA, off for CPU)")
     hyper.add_argument("--robust", action="store_true",
                        help="aviary's robust L1 loss with a learned uncertainty")
     hyper.add_argument("--embedding-aggregations", nargs="+",

@@ -1,0 +1,273 @@
+"""Training throughput: aviary's own loop against this project's trainer, on the same
+data, model, batch size, optimizer (AdamW) and learning rate.
+
+Examples:
+    python benchmark_training.py                          # 3 cases, batch 32, this machine
+    python benchmark_training.py --device cuda --batch-sizes 32 1024
+    python benchmark_training.py --cases roostformer-expt_gap --max-train 500 --epochs 2
+    python benchmark_training.py --labels                 # Wyckoff labels/s on phonons
+
+For each case (task, model) and batch size it measures, for (a) aviary's reference
+loop (`df_to_in_mem_dataloader` + `Wrenformer.evaluate(action="train")`) and (b)
+`training.train`: training samples/s over the epochs after a warm-up epoch, the time
+to the first batch (featurization plus tensorization) and peak memory (RSS; CUDA peak
+on a GPU). Each measurement runs in its own subprocess, so peak memory is its own.
+Data: the training ids of Matbench fold 0, featurized by featurize_matbench.py,
+optionally cut to --max-train rows. It is a benchmark, not a test: record its table
+in BENCHMARKS.md with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+# defaults in one place: the model of run_matbench.py's DEFAULTS, aviary's raw features
+CASES = {
+    "roostformer-expt_gap": ("roostformer", "matbench_expt_gap"),
+    "roostformer-mp_e_form": ("roostformer", "matbench_mp_e_form"),
+    "wrenformer-phonons": ("wrenformer", "matbench_phonons"),
+}
+MODEL = {"d_model": 128, "n_attn_layers": 3, "n_attn_heads": 4}
+LEARNING_RATE = 5e-4
+EPOCHS = 3  # the first is the warm-up
+BATCH_SIZES = (32,)
+IMPLS = ("aviary", "ours")
+
+
+def training_frame(task: str, model: str, max_train: int | None, seed: int = 0):
+    """Fold 0's training rows of a featurized task (input column, target), cut to
+    max_train rows at random."""
+    from mat_bench.data import get_fold_ids, load_featurized
+
+    df = load_featurized(task).loc[get_fold_ids(task, 0)[0]]
+    col = "protostructure" if model == "wrenformer" else "composition"
+    df = df[df[col].notna()]
+    if max_train and len(df) > max_train:
+        df = df.sample(max_train, random_state=seed)
+    return df.rename(columns={col: "inputs"})[["inputs", "target"]]
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_aviary(df, model: str, batch_size: int, device: str, epochs: int
+                   ) -> dict[str, Any]:
+    """aviary's reference loop: in-memory loader, per-batch collation, evaluate()."""
+    import torch
+    from aviary.data import Normalizer
+    from aviary.wrenformer.data import df_to_in_mem_dataloader
+    from aviary.wrenformer.model import Wrenformer
+
+    start = time.perf_counter()
+    loader = df_to_in_mem_dataloader(
+        df, input_col="inputs", target_col="target", id_col=None, device=device,
+        embedding_type="protostructure" if model == "wrenformer" else "composition",
+        batch_size=batch_size, shuffle=True)
+    first = next(iter(loader))
+    sync(device)
+    first_batch_s = time.perf_counter() - start
+    net = Wrenformer(n_targets=[1], n_features=first[0][0].shape[-1],
+                     task_dict={"target": "regression"}, robust=False, device=device,
+                     **MODEL).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE)
+    normalizer = Normalizer()
+    normalizer.fit(torch.tensor(df.target.to_numpy(), dtype=torch.float32))
+    epoch_seconds = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        net.evaluate(loader, {"target": ("regression", torch.nn.L1Loss())}, optimizer,
+                     {"target": normalizer}, action="train")
+        sync(device)
+        epoch_seconds.append(time.perf_counter() - start)
+    return {"first_batch_s": first_batch_s, "epoch_seconds": epoch_seconds}
+
+
+def measure_ours(df, model: str, batch_size: int, device: str, epochs: int,
+                 amp: bool | None = None, compile_model: bool = False
+                 ) -> dict[str, Any]:
+    """This project's trainer: tokens on the device, length buckets, fused AdamW."""
+    import torch
+
+    from mat_bench.training import (
+        DeviceData,
+        MatbenchTransformer,
+        Normalizer,
+        TrainConfig,
+        TrainState,
+        make_optimizer,
+        tokenize_compositions,
+        tokenize_protostructures,
+        train,
+    )
+
+    dev = torch.device(device)
+    start = time.perf_counter()
+    tokenize = tokenize_protostructures if model == "wrenformer" else tokenize_compositions
+    data = DeviceData(tokenize(list(df.inputs)), df.target.to_numpy(np.float32), dev,
+                      batch_size)
+    next(data.batches(np.random.default_rng(0)))
+    sync(device)
+    first_batch_s = time.perf_counter() - start
+    net = MatbenchTransformer(wyckoff=model == "wrenformer", n_targets=[1],
+                              task_dict={"target": "regression"}, robust=False,
+                              device=device, **MODEL).to(dev)
+    cfg = TrainConfig("regression", epochs, learning_rate=LEARNING_RATE,
+                      amp=dev.type == "cuda" if amp is None else amp)
+    normalizer = Normalizer()
+    normalizer.fit(data.targets)
+    optimizer, scheduler = make_optimizer(net, cfg, epochs * data.n_batches())
+    epoch_seconds: list[float] = []
+    stamp = [time.perf_counter()]
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> bool:
+        now = time.perf_counter()  # train() synchronizes once per epoch (the loss)
+        epoch_seconds.append(now - stamp[0])
+        stamp[0] = now
+        return False
+
+    train(TrainState(net, optimizer, scheduler, normalizer), data, None, cfg,
+          on_epoch_end=on_epoch_end, progress=False)
+    return {"first_batch_s": first_batch_s, "epoch_seconds": epoch_seconds}
+
+
+def measure(impl: str, case: str, batch_size: int, device: str, epochs: int,
+            max_train: int | None) -> dict[str, Any]:
+    """One measurement in this process; returns the row of the results table."""
+    import torch
+
+    model, task = CASES[case]
+    df = training_frame(task, model, max_train)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    func = measure_aviary if impl == "aviary" else measure_ours
+    out = func(df, model, batch_size, device, epochs)
+    timed = out["epoch_seconds"][1:] or out["epoch_seconds"]
+    row = {
+        "case": case, "impl": impl, "batch_size": batch_size, "device": device,
+        "n_train": len(df), "epochs_timed": len(timed),
+        "samples_per_s": round(len(df) * len(timed) / sum(timed), 1),
+        "first_batch_s": round(out["first_batch_s"], 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    if device.startswith("cuda"):
+        row["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    return row
+
+
+def run_in_subprocess(impl: str, case: str, batch_size: int, device: str, epochs: int,
+                      max_train: int | None) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", impl, "--cases", case,
+           "--batch-sizes", str(batch_size), "--device", device, "--epochs",
+           str(epochs)]
+    if max_train:
+        cmd += ["--max-train", str(max_train)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{impl} {case} bs {batch_size} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def label_speed(workers: Sequence[int], n_structures: int | None) -> list[dict]:
+    """Wyckoff labels per second on matbench_phonons: spglib vs moyopy, one process
+    vs several, and the share of labels (and space groups) the two tools agree on."""
+    from mat_bench.data import load_raw_task
+    from mat_bench.featurize_matbench import label_structures
+
+    structures = list(load_raw_task("matbench_phonons").structure)[:n_structures]
+    rows, labels = [], {}
+    for backend in ("spglib", "moyopy"):
+        for n_proc in workers:
+            start = time.perf_counter()
+            result = label_structures(structures, backend=backend, workers=n_proc,
+                                      desc=f"{backend} x{n_proc}")
+            seconds = time.perf_counter() - start
+            labels[backend] = [label for label, _ in result]
+            rows.append({"backend": backend, "workers": n_proc,
+                         "structures": len(structures),
+                         "labels_per_s": round(len(structures) / seconds, 1),
+                         "failed": sum(label is None for label, _ in result)})
+    pairs = [(a, b) for a, b in zip(labels["spglib"], labels["moyopy"], strict=True)
+             if a and b]
+    spg = lambda label: label.split(":")[0].split("_")[2]  # noqa: E731
+    rows.append({"backend": "spglib vs moyopy", "structures": len(pairs),
+                 "identical_labels_pct": round(100 * np.mean([a == b for a, b in pairs]), 2),
+                 "same_spacegroup_pct": round(
+                     100 * np.mean([spg(a) == spg(b) for a, b in pairs]), 2)})
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    cols = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in cols) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--epochs", type=int, default=EPOCHS,
+                        help="epochs per measurement; all but the first are timed")
+    parser.add_argument("--max-train", type=int, default=None,
+                        help="cut each training set to this many rows")
+    parser.add_argument("--labels", action="store_true",
+                        help="measure Wyckoff labelling speed instead of training")
+    parser.add_argument("--label-workers", nargs="+", type=int,
+                        default=[1, os.cpu_count() or 1])
+    parser.add_argument("--label-structures", type=int, default=None,
+                        help="label only the first N phonons structures")
+    parser.add_argument("--json-out", default=None, help="also write rows as JSON")
+    parser.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:  # a single measurement, in a fresh process, for run_in_subprocess
+        print(json.dumps(measure(args.one, args.cases[0], args.batch_sizes[0],
+                                 args.device, args.epochs, args.max_train)))
+        return 0
+    print(f"# {platform.node()} | {platform.processor() or platform.machine()} | "
+          f"{os.cpu_count()} CPUs | device {args.device}", flush=True)
+    if args.labels:
+        rows = label_speed(args.label_workers, args.label_structures)
+    else:
+        rows = []
+        for case in args.cases:
+            for batch_size in args.batch_sizes:
+                by_impl = {}
+                for impl in args.impls:
+                    row = run_in_subprocess(impl, case, batch_size, args.device,
+                                            args.epochs, args.max_train)
+                    by_impl[impl] = row
+                    print(json.dumps(row), flush=True)
+                if len(by_impl) == 2:
+                    by_impl["ours"]["speedup"] = round(
+                        by_impl["ours"]["samples_per_s"]
+                        / by_impl["aviary"]["samples_per_s"], 2)
+                rows += by_impl.values()
+    if args.json_out:
+        with open(args.json_out, "w") as file:
+            json.dump(rows, file, indent=1)
+    print(markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

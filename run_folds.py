@@ -1,0 +1,130 @@
+"""Run many (task, fold) jobs of run_matbench.py on one machine, a few at a time, and
+skip the folds a run has already recorded: a workstation's resumable alternative to
+slurm_submit.py. With --grid, one run per combination of hyperparameters (a search
+on the validation split of the training folds: its table shows validation metrics
+only, never the test fold's).
+
+Examples:
+    python run_folds.py --model roostformer --run-name roostformer \
+        --tasks matbench_steels matbench_expt_gap                  # all 5 folds each
+    python run_folds.py --model wrenformer --run-name wrenformer --tasks matbench_phonons \
+        --parallel 4 --device cuda                                 # 4 folds at once on a GPU
+    python run_folds.py --model roostformer --run-name search --tasks matbench_steels \
+        --folds 0 --grid frac_encoding=0,64 learning_rate=5e-4,1e-3   # validation table
+
+Flags it does not know go to run_matbench.py unchanged. Logs: OUT_DIR/job-logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+
+from mat_bench import ALL_TASKS, N_FOLDS, ROOT, TASK_INFO
+from mat_bench.data import UserError, check_fold, check_task, read_json_results
+
+
+def grid_runs(run_name: str, grid: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """(run name, extra run_matbench flags) per combination of `key=v1,v2` specs."""
+    if not grid:
+        return [(run_name, [])]
+    keys, values = [], []
+    for spec in grid:
+        key, sep, vals = spec.partition("=")
+        if not sep or not vals:
+            raise UserError(f"--grid takes key=value1,value2,..., got {spec!r}")
+        keys.append(key)
+        values.append(vals.split(","))
+    runs = []
+    for combo in itertools.product(*values):
+        name = run_name + "".join(f"-{k}={v}" for k, v in zip(keys, combo, strict=True))
+        flags = [f for k, v in zip(keys, combo, strict=True)
+                 for f in (f"--{k.replace('_', '-')}", v)]
+        runs.append((name, flags))
+    return runs
+
+
+def recorded(out_dir: Path, run_name: str, task: str, fold: int) -> bool:
+    scores = read_json_results(out_dir / "model_scores" / f"{run_name}.json")
+    return f"fold_{fold}" in scores.get(task, {})
+
+
+def run_job(cmd: list[str], log_path: Path) -> int:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def validation_table(out_dir: Path, run_names: Sequence[str]) -> pd.DataFrame:
+    """Mean validation metric per run and task (never the test fold's scores)."""
+    rows = []
+    for name in run_names:
+        for task, folds in read_json_results(
+                out_dir / "model_scores" / f"{name}.json").items():
+            key = "val_mae" if TASK_INFO[task][1] == "regression" else "val_rocauc"
+            vals = [f[key] for f in folds.values() if key in f]
+            if vals:
+                rows.append({"run": name, "task": task, key: sum(vals) / len(vals),
+                             "folds": len(vals)})
+    return pd.DataFrame(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=["roostformer", "wrenformer"])
+    parser.add_argument("--run-name", required=True)
+    parser.add_argument("--tasks", nargs="+", default=list(ALL_TASKS))
+    parser.add_argument("--folds", nargs="+", type=int, default=list(range(N_FOLDS)))
+    parser.add_argument("--parallel", type=int, default=1, help="jobs at once")
+    parser.add_argument("--out-dir", default=ROOT)
+    parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2")
+    args, passthrough = parser.parse_known_args(argv)
+    out_dir = Path(args.out_dir)
+    try:
+        for task in args.tasks:
+            check_task(task)
+        for fold in args.folds:
+            check_fold(fold)
+        if args.parallel < 1:
+            raise UserError("--parallel must be at least 1")
+        runs = grid_runs(args.run_name, args.grid)
+        jobs = []
+        for (name, flags), task, fold in itertools.product(runs, args.tasks, args.folds):
+            if recorded(out_dir, name, task, fold):
+                print(f"skip {name} {task} fold {fold}: already recorded")
+                continue
+            cmd = [sys.executable, "run_matbench.py", "--model", args.model, "--task",
+                   task, "--fold", str(fold), "--run-name", name, "--out-dir",
+                   str(out_dir), "--no-progress", *flags, *passthrough]
+            jobs.append((cmd, out_dir / "job-logs" / f"{name}-{task}-fold_{fold}.log"))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(jobs)} jobs, {args.parallel} at a time", flush=True)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.parallel) as pool:
+        codes = list(pool.map(lambda job: run_job(*job), jobs))
+    failed = [log for (_, log), code in zip(jobs, codes, strict=True) if code]
+    print(f"{len(jobs) - len(failed)}/{len(jobs)} jobs done in "
+          f"{time.perf_counter() - start:.0f} s")
+    for log in failed:
+        print(f"failed: see {os.path.relpath(log)}", file=sys.stderr)
+    if args.grid:
+        table = validation_table(out_dir, [name for name, _ in runs])
+        if len(table):
+            print(table.to_string(index=False))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
