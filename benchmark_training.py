@@ -146,7 +146,7 @@ def measure_ours(df, model: str, batch_size: int, device: str, epochs: int,
 
 
 def measure(impl: str, case: str, batch_size: int, device: str, epochs: int,
-            max_train: int | None) -> dict[str, Any]:
+            max_train: int | None, amp: bool | None = None) -> dict[str, Any]:
     """One measurement in this process; returns the row of the results table."""
     import torch
 
@@ -154,11 +154,15 @@ def measure(impl: str, case: str, batch_size: int, device: str, epochs: int,
     df = training_frame(task, model, max_train)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    func = measure_aviary if impl == "aviary" else measure_ours
-    out = func(df, model, batch_size, device, epochs)
+    if impl == "aviary":
+        out = measure_aviary(df, model, batch_size, device, epochs)
+    else:
+        out = measure_ours(df, model, batch_size, device, epochs, amp=amp)
     timed = out["epoch_seconds"][1:] or out["epoch_seconds"]
     row = {
-        "case": case, "impl": impl, "batch_size": batch_size, "device": device,
+        "case": case, "impl": impl if impl == "aviary" or amp is None
+        else f"ours ({'bf16' if amp else 'fp32'})",
+        "batch_size": batch_size, "device": device,
         "n_train": len(df), "epochs_timed": len(timed),
         "samples_per_s": round(len(df) * len(timed) / sum(timed), 1),
         "first_batch_s": round(out["first_batch_s"], 2),
@@ -170,12 +174,14 @@ def measure(impl: str, case: str, batch_size: int, device: str, epochs: int,
 
 
 def run_in_subprocess(impl: str, case: str, batch_size: int, device: str, epochs: int,
-                      max_train: int | None) -> dict[str, Any]:
+                      max_train: int | None, amp: bool | None = None) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", impl, "--cases", case,
            "--batch-sizes", str(batch_size), "--device", device, "--epochs",
            str(epochs)]
     if max_train:
         cmd += ["--max-train", str(max_train)]
+    if amp is not None:
+        cmd.append("--amp" if amp else "--no-amp")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{impl} {case} bs {batch_size} failed:\n{proc.stderr[-2000:]}")
@@ -229,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="epochs per measurement; all but the first are timed")
     parser.add_argument("--max-train", type=int, default=None,
                         help="cut each training set to this many rows")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast in our trainer (default: on for CUDA)")
     parser.add_argument("--labels", action="store_true",
                         help="measure Wyckoff labelling speed instead of training")
     parser.add_argument("--label-workers", nargs="+", type=int,
@@ -241,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.one:  # a single measurement, in a fresh process, for run_in_subprocess
         print(json.dumps(measure(args.one, args.cases[0], args.batch_sizes[0],
-                                 args.device, args.epochs, args.max_train)))
+                                 args.device, args.epochs, args.max_train,
+                                 args.amp)))
         return 0
     print(f"# {platform.node()} | {platform.processor() or platform.machine()} | "
           f"{os.cpu_count()} CPUs | device {args.device}", flush=True)
@@ -254,11 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 by_impl = {}
                 for impl in args.impls:
                     row = run_in_subprocess(impl, case, batch_size, args.device,
-                                            args.epochs, args.max_train)
+                                            args.epochs, args.max_train, args.amp)
                     by_impl[impl] = row
                     print(json.dumps(row), flush=True)
                 if len(by_impl) == 2:
-                    by_impl["ours"]["speedup"] = round(
+                    by_impl["ours"]["speedup_vs_aviary"] = round(
                         by_impl["ours"]["samples_per_s"]
                         / by_impl["aviary"]["samples_per_s"], 2)
                 rows += by_impl.values()

@@ -300,7 +300,9 @@ def run_matbench(
     run_params = {
         "model": model, "task": task, "fold": fold, "run_name": run_name, **params,
         "embedding_aggregations": list(params["embedding_aggregations"]),
-        "device": str(dev), "n_params": sum(p.numel() for p in net.parameters()),
+        "device": str(dev),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "n_params": sum(p.numel() for p in net.parameters()),
         "hostname": socket.gethostname(), "platform": platform.platform(),
         "torch_version": torch.__version__, "git_commit": git_commit(), **slurm,
     }

@@ -150,6 +150,13 @@ def fraction_encoding(frac: Tensor, n_dims: int) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 
+def masked_mean(x: Tensor, keep: Tensor) -> Tensor:
+    """Mean over dim 1 of x where keep is True: aviary's masked mean in two kernels
+    instead of its NaN fill and nanmean."""
+    keep = keep.to(torch.float32)
+    return (x.float() * keep).sum(dim=1) / keep.sum(dim=1)
+
+
 class MatbenchTransformer(Wrenformer):
     """aviary's Wrenformer (TransformerEncoder, residual trunk and heads) reading token
     indices. Roostformer when `wyckoff` is False.
@@ -206,7 +213,8 @@ class MatbenchTransformer(Wrenformer):
             mask = seq_mask
 
         inv_mask = ~mask[..., None]
-        pooled = torch.cat([AGGREGATORS[key](embeddings, inv_mask, 1)
+        pooled = torch.cat([masked_mean(embeddings, inv_mask) if key == "mean"
+                            else AGGREGATORS[key](embeddings, inv_mask, 1)
                             for key in self.embedding_aggregations], dim=1)
         hidden = F.relu(self.trunk_nn(pooled))
         return tuple(head(hidden) for head in self.output_nns)

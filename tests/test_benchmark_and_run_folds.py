@@ -1,0 +1,49 @@
+"""benchmark_training.py on a tiny slice (a proof that it runs, no timing asserts) and
+run_folds.py's resumable multi-fold runs and validation-only grid search."""
+
+import json
+
+from mat_bench.benchmark_training import main as bench_main
+from mat_bench.data import read_json_results
+from mat_bench.run_folds import main as folds_main
+
+TINY = ["--d-model", "32", "--n-heads", "2", "--n-attn-layers", "1", "--epochs", "1"]
+
+
+def test_benchmark_runs_both_loops_on_a_tiny_slice(featurized, tmp_path, capsys):
+    featurized("matbench_expt_gap")
+    out = tmp_path / "rows.json"
+    assert bench_main(["--cases", "roostformer-expt_gap", "--max-train", "64",
+                       "--epochs", "2", "--json-out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [row["impl"] for row in rows] == ["aviary", "ours"]
+    for row in rows:
+        assert row["n_train"] == 64 and row["samples_per_s"] > 0
+        assert row["peak_rss_mb"] > 0 and row["first_batch_s"] >= 0
+    assert rows[1]["speedup_vs_aviary"] > 0
+    assert "| roostformer-expt_gap | ours |" in capsys.readouterr().out
+
+
+def test_run_folds_skips_recorded_folds_and_grid_shows_validation(featurized, tmp_path,
+                                                                  capsys):
+    featurized("matbench_steels")
+    argv = ["--model", "roostformer", "--run-name", "grid", "--tasks", "matbench_steels",
+            "--folds", "0", "1", "--out-dir", str(tmp_path), "--grid",
+            "frac_encoding=0,64", *TINY]
+    assert folds_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "4 jobs" in out and "val_mae" in out and "test" not in out.split("val_mae")[1]
+    for enc in (0, 64):
+        scores = read_json_results(tmp_path / "model_scores"
+                                   / f"grid-frac_encoding={enc}.json")
+        folds = scores["matbench_steels"]
+        assert set(folds) == {"fold_0", "fold_1"}
+        assert all(f["params"]["frac_encoding"] == enc for f in folds.values())
+    assert folds_main(argv) == 0  # everything recorded: nothing to run again
+    assert "0 jobs" in capsys.readouterr().out
+
+
+def test_run_folds_bad_task(capsys):
+    assert folds_main(["--model", "roostformer", "--run-name", "x", "--tasks",
+                       "matbench_nope"]) == 2
+    assert "unknown task 'matbench_nope'" in capsys.readouterr().err
