@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -171,6 +173,51 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def fmt(row: pd.Series) -> str:
+    return f"{row['mean']:.4g}"
+
+
+def results_markdown(table: pd.DataFrame, runs: list[Results]) -> str:
+    """Our runs next to the leaderboard, one row per (task, run): our score, its rank,
+    the best published entry and CrabNet, with epochs, training time per fold and the
+    machine, all read from the result files."""
+    lines = ["| task | model | folds | ours | rank | best published | CrabNet | epochs "
+             "| train time per fold | machine |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    for run in runs:
+        for task in run.tasks:
+            sub = table[table["task"] == task]
+            ours = sub[(sub["source"] == OURS) & (sub["model"] == run.name)].iloc[0]
+            published = sub[sub["source"] != OURS]
+            best = published.iloc[0] if len(published) else None
+            crabnet = published[published["model"] == "CrabNet"]
+            entries = list(run.info["scores"][task].values())
+            params = entries[0].get("params", {})
+            seconds = np.mean([e.get("train_seconds", np.nan) for e in entries])
+            machine = params.get("gpu") or (f"{params.get('device', '?')}, torch "
+                                            f"{params.get('torch_version', '?')}")
+            lines.append(
+                f"| {task} | {run.name} | {ours['folds']} | {fmt(ours)} ± "
+                f"{ours['std']:.2g} | {ours['rank']}/{len(sub)} | "
+                + (f"{best['model']} {fmt(best)}" if best is not None else "–")
+                + f" | {fmt(crabnet.iloc[0]) if len(crabnet) else '–'} | "
+                f"{params.get('epochs', '?')} | {seconds:.0f} s | {machine} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, text: str) -> None:
+    """Replace what stands between the results markers of the README."""
+    content = readme.read_text(encoding="utf-8")
+    start, end = content.find(README_START), content.find(README_END)
+    if start < 0 or end < start:
+        raise UserError(f"{readme} has no {README_START} ... {README_END} markers")
+    write_text(readme, content[: start + len(README_START)] + "\n" + text + "\n"
+               + content[end:])
+
+
 def write_text(path: Path, text: str) -> Path:
     """Write a text file whole or not at all."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as file:
@@ -296,6 +343,7 @@ def make_plots(
     files.append(write_text(out_dir / "leaderboard.csv",
                             table.to_csv(index=False, float_format="%.6g")))
     files.append(write_text(out_dir / "leaderboard.md", markdown_table(table)))
+    files.append(write_text(out_dir / "results.md", results_markdown(table, our_runs)))
     files.append(write_text(out_dir / "index.html", report_html(
         table, run_summary(our_runs), figures, folder)))
     return {"table": table, "heatmap": heatmap_table(
@@ -323,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", nargs="+", metavar="TASK",
                         help="compare on these tasks only (default: all)")
     parser.add_argument("--no-png", action="store_true", help="HTML figures only")
+    parser.add_argument("--readme", action="store_true",
+                        help="also write the results table (results.md) into README.md")
     return parser
 
 
@@ -332,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = make_plots(args.scores_dir, args.preds_dir, args.benchmarks_dir,
                          args.out_dir, args.runs, args.peers, args.tasks,
                          png=not args.no_png)
+        if args.readme:
+            update_readme(Path(ROOT) / "README.md",
+                          (Path(args.out_dir) / "results.md").read_text())
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
