@@ -240,6 +240,8 @@ class DeviceData:
         self.targets = torch.as_tensor(targets, device=device)
         self.n_seq = np.diff(tokens.seq_start)
         self.is_wren = tokens.wyckoff is not None
+        # each material's first sequence: its padding mask is the material's
+        self.first_seq = torch.as_tensor(tokens.seq_start[:-1], device=device)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -247,29 +249,33 @@ class DeviceData:
     def n_batches(self) -> int:
         return math.ceil(len(self) / self.batch_size)
 
-    def epoch_order(self, rng: np.random.Generator | None) -> np.ndarray:
-        """Material order for one epoch: random buckets of `bucket_batches` batches,
-        each sorted by length (little padding), batches in random order. Without an
-        rng: sorted by length, for evaluation."""
+    def epoch_batches(self, rng: np.random.Generator | None) -> list[np.ndarray]:
+        """Material indices of each batch of one epoch: random buckets of
+        `bucket_batches` batches, each sorted by length (little padding), batches in
+        random order. Without an rng: sorted by length, for evaluation."""
         length = self.tokens.length
         if rng is None:
-            return np.argsort(length, kind="stable")
-        order = rng.permutation(len(self))
-        bucket = self.batch_size * self.bucket_batches
-        for start in range(0, len(order), bucket):
-            chunk = order[start: start + bucket]
-            order[start: start + bucket] = chunk[np.argsort(length[chunk],
-                                                            kind="stable")]
-        batches = np.array_split(order, self.n_batches())
-        return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+            order = np.argsort(length, kind="stable")
+        else:
+            order = rng.permutation(len(self))
+            bucket = self.batch_size * self.bucket_batches
+            for start in range(0, len(order), bucket):
+                chunk = order[start: start + bucket]
+                order[start: start + bucket] = chunk[np.argsort(length[chunk],
+                                                                kind="stable")]
+        batches = [order[i: i + self.batch_size]
+                   for i in range(0, len(order), self.batch_size)]
+        if rng is not None:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
 
     def batches(self, rng: np.random.Generator | None = None) -> Iterator[Batch]:
         """Yield (inputs, targets, material indices) batches covering every material
         once."""
-        order = self.epoch_order(rng)
-        bounds = np.arange(0, len(order) + self.batch_size, self.batch_size)
-        bounds[-1] = len(order)
-        max_len = np.maximum.reduceat(self.tokens.length[order], bounds[:-1])
+        batches = self.epoch_batches(rng)
+        order = np.concatenate(batches) if batches else np.zeros(0, dtype=int)
+        bounds = np.concatenate([[0], np.cumsum([len(b) for b in batches])])
+        max_len = [int(self.tokens.length[b].max()) for b in batches]
         mat_order = torch.as_tensor(order, device=self.device)
         if self.is_wren:
             counts = self.n_seq[order]
@@ -279,7 +285,7 @@ class DeviceData:
             owner = torch.as_tensor(np.repeat(np.arange(len(order)), counts),
                                     device=self.device)
         for b, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            width = int(max_len[b])
+            width = max_len[b]
             mat_idx = mat_order[start:stop]
             if self.is_wren:
                 seq_idx = seq_order[seq_bounds[b]: seq_bounds[b + 1]]
@@ -287,19 +293,11 @@ class DeviceData:
                 inputs = (elem, self.frac[seq_idx, :width],
                           self.wyckoff[seq_idx, :width], elem == 0,
                           owner[seq_bounds[b]: seq_bounds[b + 1]] - int(start),
-                          self.elem[self.tokens_first_seq(mat_idx), :width] == 0)
+                          self.elem[self.first_seq[mat_idx], :width] == 0)
             else:
                 elem = self.elem[mat_idx, :width]
                 inputs = (elem, self.frac[mat_idx, :width], None, elem == 0)
             yield inputs, self.targets[mat_idx], mat_idx
-
-    def tokens_first_seq(self, mat_idx: Tensor) -> Tensor:
-        """Index of each material's first sequence (its padding mask is the
-        material's)."""
-        if not hasattr(self, "_first_seq"):
-            self._first_seq = torch.as_tensor(self.tokens.seq_start[:-1],
-                                              device=self.device)
-        return self._first_seq[mat_idx]
 
 
 # --- training -----------------------------------------------------------------------

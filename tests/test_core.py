@@ -332,3 +332,44 @@ def test_package_imports_outside_repo(tmp_path):
                            "mat_bench.featurize_matbench; print('ok')"],
                           cwd=tmp_path, capture_output=True, text=True)
     assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_device_batches_cover_every_material_once(featurized):
+    import torch
+
+    from mat_bench.training import DeviceData, tokenize_protostructures
+
+    featurized("matbench_phonons")
+    labels = list(load_featurized("matbench_phonons").protostructure.dropna()[:300])
+    tokens = tokenize_protostructures(labels)
+    data = DeviceData(tokens, np.arange(len(labels), dtype=np.float32),
+                      torch.device("cpu"), batch_size=32, bucket_batches=4)
+    for rng in (np.random.default_rng(1), None):
+        seen = []
+        for (elem, frac, wyk, seq_mask, owner, mask), targets, mat_idx in data.batches(rng):
+            assert len(mat_idx) <= 32 and targets.tolist() == mat_idx.tolist()
+            # every sequence of a material is in its batch, owned by its position
+            assert owner.bincount(minlength=len(mat_idx)).tolist() == \
+                np.diff(tokens.seq_start)[mat_idx.numpy()].tolist()
+            # the width fits the longest material, and padding is where tokens end
+            lengths = torch.as_tensor(tokens.length)[mat_idx]
+            assert elem.shape[1] == lengths.max()
+            assert ((~mask).sum(1) == lengths).all()
+            assert ((~seq_mask).sum(1) == lengths[owner]).all()
+            seen += mat_idx.tolist()
+        assert sorted(seen) == list(range(len(labels)))
+
+
+def test_wandb_online_without_login_says_what_to_do(featurized, tmp_path, monkeypatch,
+                                                    capsys):
+    featurized("matbench_steels")
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--fold",
+                     "0", "--epochs", "1", "--wandb", "online", "--out-dir",
+                     str(tmp_path), "--run-name", "online"])
+    assert code == 2 and "wandb login" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("online.json"))
