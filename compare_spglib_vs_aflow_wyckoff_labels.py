@@ -43,9 +43,9 @@ from itertools import combinations
 from pathlib import Path
 
 import pandas as pd
-
 from mat_bench import ROOT, STRUCTURE_TASKS, TASK_INFO
 from mat_bench.data import UserError, atomic_path, check_task, load_raw_task
+from mat_bench.plotting_functions import write_figures
 
 TOOLS = ("spglib", "moyopy", "aflow")
 DEFAULT_OUT_DIR = os.path.join(ROOT, "results", "compare_wyckoff")
@@ -406,44 +406,6 @@ def sunburst_figure(table: pd.DataFrame, tool: str, title: str):
     return fig
 
 
-def save_figures(figs: dict[str, object], png: bool = True) -> list[str]:
-    """Write each figure as `<stem>`.html and, if kaleido finds a browser (set
-    BROWSER_PATH), `<stem>`.png, all PNGs in one browser session."""
-    paths = []
-    for stem, fig in figs.items():
-        with atomic_path(f"{stem}.html") as tmp:
-            fig.write_html(tmp, include_plotlyjs="directory")  # offline: plotly.min.js beside it
-        paths.append(f"{stem}.html")
-    if not png:
-        return paths
-    if not os.environ.get("BROWSER_PATH") and shutil.which("chromium"):
-        os.environ["BROWSER_PATH"] = shutil.which("chromium")
-    import plotly.io as pio
-
-    tmps = [f"{stem}.tmp.png" for stem in figs]
-    try:
-        figures = list(figs.values())
-        pio.write_images(
-            figures, tmps, format="png", scale=1.5,
-            width=[fig.layout.width for fig in figures],
-            height=[fig.layout.height for fig in figures],
-        )
-        for tmp, stem in zip(tmps, figs):
-            os.replace(tmp, f"{stem}.png")
-            paths.append(f"{stem}.png")
-    except Exception as exc:  # no kaleido or no browser: the HTML files suffice
-        print(
-            f"warning: PNG figures not written ({type(exc).__name__}: "
-            f"{str(exc)[:150]}); install Chrome/Chromium and set BROWSER_PATH",
-            file=sys.stderr,
-        )
-    finally:
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return paths
-
-
 def make_figures(
     table: pd.DataFrame, pair: Sequence[str], prefix: str, png: bool = True
 ) -> list[str]:
@@ -458,7 +420,9 @@ def make_figures(
     figs[f"{prefix}_sunburst_spg_{tool_a}"] = sunburst_figure(
         table, tool_a, f"space groups from {tool_a}"
     )
-    return save_figures(figs, png)
+    folder = os.path.dirname(prefix) or "."
+    named = {os.path.basename(stem): fig for stem, fig in figs.items()}
+    return [str(path) for path in write_figures(named, folder, png=png)]
 
 
 # --- driver -------------------------------------------------------------------------

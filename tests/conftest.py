@@ -38,3 +38,33 @@ def featurized():
         return {task: done[task] for task in tasks}
 
     return make
+
+
+REAL_RUN = "roost-test"  # run name of the real_run fixture's results
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory, featurized) -> Path:
+    """A real Roostformer run from run_matbench (tiny model): steels (5 folds, 2
+    epochs) and expt_is_metal (5 folds, 1 epoch), made once per session; returns the
+    out-dir holding model_scores/ and model_preds/ of run REAL_RUN."""
+    import torch
+
+    from mat_bench.data import read_json_results
+    from mat_bench.run_matbench import run_matbench
+
+    out = tmp_path_factory.getbasetemp() / "real_run"
+    done = out / "model_scores" / f"{REAL_RUN}.json"
+    if not done.is_file() or sum(map(len, read_json_results(done).values())) < 10:
+        featurized("matbench_steels", "matbench_expt_is_metal")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a tiny model: more threads only contend
+        try:
+            for task, epochs in (("matbench_steels", 2), ("matbench_expt_is_metal", 1)):
+                for fold in range(5):
+                    run_matbench("roostformer", task, fold, epochs=epochs,
+                                 run_name=REAL_RUN, out_dir=out, device="cpu",
+                                 progress=False, d_model=32, n_heads=2, n_attn_layers=1)
+        finally:
+            torch.set_num_threads(threads)
+    return out

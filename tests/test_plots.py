@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from mat_bench.data import read_json_results
 from mat_bench.leaderboard import (
@@ -29,12 +28,10 @@ from mat_bench.plotting_functions import (
     heatmap_figure,
     heatmap_table,
 )
-from mat_bench.run_matbench import run_matbench
 
 STEELS, IS_METAL = "matbench_steels", "matbench_expt_is_metal"
 TASKS = [STEELS, IS_METAL]
-RUN = "roost-test"
-TINY = {"d_model": 32, "n_heads": 2, "n_attn_layers": 1}  # fast model for plumbing
+RUN = "roost-test"  # the run of conftest.py's real_run fixture
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -45,28 +42,6 @@ def benchmarks() -> Path:
     if not path or not Path(path).is_dir():
         pytest.skip(f"the Matbench leaderboard is not available (${BENCHMARKS_ENV})")
     return Path(path)
-
-
-@pytest.fixture(scope="session")
-def real_run(tmp_path_factory, featurized) -> Path:
-    """A real Roostformer run from run_matbench: steels (5 folds, 2 epochs) and
-    expt_is_metal (5 folds, 1 epoch). Shared with test_submission.py through the
-    session's temp folder."""
-    out = tmp_path_factory.getbasetemp() / "real_run"
-    done = out / "model_scores" / f"{RUN}.json"
-    if not done.is_file() or sum(map(len, read_json_results(done).values())) < 10:
-        featurized(*TASKS)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # a tiny model: more threads only contend
-        try:
-            for task, epochs in ((STEELS, 2), (IS_METAL, 1)):
-                for fold in range(5):
-                    run_matbench("roostformer", task, fold, epochs=epochs,
-                                 run_name=RUN, out_dir=out, device="cpu",
-                                 progress=False, **TINY)
-        finally:
-            torch.set_num_threads(threads)
-    return out
 
 
 def copy_run(src: Path, dest: Path, drop: dict[str, list[str]] | None = None,

@@ -7,39 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from mat_bench.data import read_json_results
 from mat_bench.leaderboard import load_runs, score_results
 from mat_bench.make_submission import INFO_FIELDS, load_submission, make_submission
 from mat_bench.make_submission import main as submission_main
-from mat_bench.run_matbench import run_matbench
 
 STEELS, IS_METAL = "matbench_steels", "matbench_expt_is_metal"
-RUN = "roost-test"
-TINY = {"d_model": 32, "n_heads": 2, "n_attn_layers": 1}  # fast model for plumbing
-
-
-@pytest.fixture(scope="session")
-def real_run(tmp_path_factory, featurized) -> Path:
-    """A real Roostformer run from run_matbench: steels (5 folds, 2 epochs) and
-    expt_is_metal (5 folds, 1 epoch); made once per session (test_plots.py makes
-    the same one in the same place)."""
-    out = tmp_path_factory.getbasetemp() / "real_run"
-    done = out / "model_scores" / f"{RUN}.json"
-    if not done.is_file() or sum(map(len, read_json_results(done).values())) < 10:
-        featurized(STEELS, IS_METAL)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # a tiny model: more threads only contend
-        try:
-            for task, epochs in ((STEELS, 2), (IS_METAL, 1)):
-                for fold in range(5):
-                    run_matbench("roostformer", task, fold, epochs=epochs,
-                                 run_name=RUN, out_dir=out, device="cpu",
-                                 progress=False, **TINY)
-        finally:
-            torch.set_num_threads(threads)
-    return out
+RUN = "roost-test"  # the run of conftest.py's real_run fixture
 
 
 def partial_copy(src: Path, dest: Path, task: str, keep: int) -> Path:
