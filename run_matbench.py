@@ -350,7 +350,7 @@ def run_matbench(
     if not np.isfinite(list(test_scores.values())).all():
         raise RuntimeError(f"non-finite test scores {test_scores}: training diverged "
                            "(try a lower --learning-rate)")
-    n_samples = (state.epoch - 0) * len(fit_data)
+    n_samples = state.epoch * len(fit_data)  # resumed runs: seconds are totals too
     entry = {
         **test_scores,
         **{k: v for k, v in last_metrics.items() if k.startswith("val_")},
