@@ -98,39 +98,28 @@ def measure_aviary(df, model: str, batch_size: int, device: str, epochs: int
 
 
 def measure_ours(df, model: str, batch_size: int, device: str, epochs: int,
-                 amp: bool | None = None, compile_model: bool = False
-                 ) -> dict[str, Any]:
+                 amp: bool | None = None) -> dict[str, Any]:
     """This project's trainer: tokens on the device, length buckets, fused AdamW."""
     import torch
 
     from mat_bench.training import (
         DeviceData,
-        MatbenchTransformer,
-        Normalizer,
         TrainConfig,
-        TrainState,
-        make_optimizer,
-        tokenize_compositions,
-        tokenize_protostructures,
+        new_train_state,
+        tokenize,
         train,
     )
 
     dev = torch.device(device)
     start = time.perf_counter()
-    tokenize = tokenize_protostructures if model == "wrenformer" else tokenize_compositions
-    data = DeviceData(tokenize(list(df.inputs)), df.target.to_numpy(np.float32), dev,
-                      batch_size)
+    data = DeviceData(tokenize(model, list(df.inputs)), df.target.to_numpy(np.float32),
+                      dev, batch_size)
     next(data.batches(np.random.default_rng(0)))
     sync(device)
     first_batch_s = time.perf_counter() - start
-    net = MatbenchTransformer(wyckoff=model == "wrenformer", n_targets=[1],
-                              task_dict={"target": "regression"}, robust=False,
-                              device=device, **MODEL).to(dev)
     cfg = TrainConfig("regression", epochs, learning_rate=LEARNING_RATE,
                       amp=dev.type == "cuda" if amp is None else amp)
-    normalizer = Normalizer()
-    normalizer.fit(data.targets)
-    optimizer, scheduler = make_optimizer(net, cfg, epochs * data.n_batches())
+    state = new_train_state(model, data, cfg, **MODEL)
     epoch_seconds: list[float] = []
     stamp = [time.perf_counter()]
 
@@ -140,8 +129,7 @@ def measure_ours(df, model: str, batch_size: int, device: str, epochs: int,
         stamp[0] = now
         return False
 
-    train(TrainState(net, optimizer, scheduler, normalizer), data, None, cfg,
-          on_epoch_end=on_epoch_end, progress=False)
+    train(state, data, None, cfg, on_epoch_end=on_epoch_end, progress=False)
     return {"first_batch_s": first_batch_s, "epoch_seconds": epoch_seconds}
 
 

@@ -191,15 +191,11 @@ def run_matbench(
 
     from mat_bench.training import (
         DeviceData,
-        MatbenchTransformer,
-        Normalizer,
         TrainConfig,
-        TrainState,
-        make_optimizer,
+        new_train_state,
         predict,
         score,
-        tokenize_compositions,
-        tokenize_protostructures,
+        tokenize,
         train,
     )
 
@@ -222,11 +218,9 @@ def run_matbench(
     val_df, fit_df = train_df.iloc[perm[:n_val]], train_df.iloc[perm[n_val:]]
 
     t_start = time.perf_counter()
-    tokenize = (tokenize_protostructures if model == "wrenformer"
-                else tokenize_compositions)
     target_dtype = np.int64 if task_type == "classification" else np.float32
     splits = {"fit": fit_df, "val": val_df, "test": test_df[test_ok]}
-    tokens = tokenize(list(np.concatenate([df[input_col] for df in splits.values()])))
+    tokens = tokenize(model, list(np.concatenate([df[input_col] for df in splits.values()])))
     datasets, offset = {}, 0
     for name, df in splits.items():
         idx = np.arange(offset, offset + len(df))
@@ -237,24 +231,6 @@ def run_matbench(
     fit_data, val_data, test_data = datasets["fit"], datasets["val"], datasets["test"]
     prep_seconds = time.perf_counter() - t_start
 
-    normalizer = Normalizer()
-    if task_type == "regression":
-        normalizer.fit(fit_data.targets.double())
-        normalizer.mean, normalizer.std = (normalizer.mean.float(),
-                                           normalizer.std.float())
-    net = MatbenchTransformer(
-        wyckoff=model == "wrenformer",
-        frac_encoding_dims=params["frac_encoding"],
-        task_dict={"target": task_type},
-        robust=params["robust"],
-        n_targets=[1 if task_type == "regression" else 2],
-        d_model=params["d_model"],
-        n_attn_layers=params["n_attn_layers"],
-        n_attn_heads=params["n_heads"],
-        dropout=params["dropout"],
-        embedding_aggregations=params["embedding_aggregations"],
-        device=device,
-    ).to(dev)
     cfg = TrainConfig(
         task_type=task_type, epochs=params["epochs"],
         learning_rate=params["learning_rate"], weight_decay=params["weight_decay"],
@@ -262,8 +238,14 @@ def run_matbench(
         amp=dev.type == "cuda" if params["amp"] is None else params["amp"],
         seed=params["seed"],
     )
-    optimizer, scheduler = make_optimizer(net, cfg, cfg.epochs * fit_data.n_batches())
-    state = TrainState(net, optimizer, scheduler, normalizer)
+    state = new_train_state(
+        model, fit_data, cfg, frac_encoding_dims=params["frac_encoding"],
+        d_model=params["d_model"], n_attn_layers=params["n_attn_layers"],
+        n_attn_heads=params["n_heads"], dropout=params["dropout"],
+        embedding_aggregations=params["embedding_aggregations"],
+    )
+    net, optimizer, scheduler, normalizer = (state.model, state.optimizer,
+                                             state.scheduler, state.normalizer)
 
     ckpt_path = out_dir / "checkpoints" / run_name / f"{task}-fold_{fold}.pt"
     if checkpoint == "local" and ckpt_path.is_file():
@@ -280,9 +262,6 @@ def run_matbench(
         state.epoch, state.train_seconds = saved["epoch"], saved["train_seconds"]
         print(f"resuming {task} fold {fold} from epoch {state.epoch} ({ckpt_path})",
               flush=True)
-    else:
-        normalizer.mean, normalizer.std = (normalizer.mean.to(dev),
-                                           normalizer.std.to(dev))
 
     def save_checkpoint() -> None:
         with atomic_path(ckpt_path) as tmp:

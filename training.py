@@ -137,6 +137,14 @@ def tokenize_protostructures(labels: Sequence[str]) -> Tokens:
                   np.concatenate([[0], np.cumsum(n_seq)]), np.array(length))
 
 
+def tokenize(model: str, inputs: Sequence[str]) -> Tokens:
+    """Tokens for a model's inputs: compositions (roostformer) or protostructure
+    labels (wrenformer)."""
+    if model == "wrenformer":
+        return tokenize_protostructures(inputs)
+    return tokenize_compositions(inputs)
+
+
 # --- the model ----------------------------------------------------------------------
 def fraction_encoding(frac: Tensor, n_dims: int) -> Tensor:
     """Sinusoidal features of the fraction on a linear and a log scale (n_dims / 2
@@ -407,6 +415,27 @@ class TrainState:
     normalizer: Normalizer
     epoch: int = 0  # epochs completed
     train_seconds: float = 0.0
+
+
+def new_train_state(model: str, data: DeviceData, cfg: TrainConfig, *,
+                    frac_encoding_dims: int = 0, **model_kwargs) -> TrainState:
+    """A fresh model on data's device, the normalizer fitted on data's targets
+    (regression; identity for classification) and AdamW with its schedule over
+    cfg.epochs epochs of data. model_kwargs go to aviary's Wrenformer (d_model,
+    n_attn_layers, n_attn_heads, dropout, embedding_aggregations, ...)."""
+    normalizer = Normalizer()
+    if cfg.task_type == "regression":
+        normalizer.fit(data.targets.double())
+    normalizer.mean = normalizer.mean.float().to(data.device)
+    normalizer.std = normalizer.std.float().to(data.device)
+    net = MatbenchTransformer(
+        wyckoff=model == "wrenformer", frac_encoding_dims=frac_encoding_dims,
+        task_dict={"target": cfg.task_type}, robust=cfg.robust,
+        n_targets=[1 if cfg.task_type == "regression" else 2],
+        device=str(data.device), **model_kwargs,
+    ).to(data.device)
+    optimizer, scheduler = make_optimizer(net, cfg, cfg.epochs * data.n_batches())
+    return TrainState(net, optimizer, scheduler, normalizer)
 
 
 def train(state: TrainState, train_data: DeviceData, val_data: DeviceData | None,
