@@ -198,7 +198,8 @@ class MatbenchTransformer(Wrenformer):
             elem, frac, wyckoff: (S, L) element rows, fractions, Wyckoff rows.
             seq_mask: (S, L) True at padding.
             seq_owner: (S,) index of each sequence's material in the batch (Wrenformer:
-                the embeddings of a material's equivalent sequences are averaged).
+                the embeddings of a material's equivalent sequences are averaged;
+                index B marks filler sequences, which are ignored).
             mask: (B, L) True at padding, per material (Wrenformer).
         """
         parts = [frac[..., None], self.elem_table[elem]]
@@ -207,16 +208,16 @@ class MatbenchTransformer(Wrenformer):
         if self.frac_encoding_dims:
             parts.append(fraction_encoding(frac, self.frac_encoding_dims))
         features = self.resize_embedding(torch.cat(parts, dim=-1))
-        embeddings = self.transformer_encoder(features, src_key_padding_mask=seq_mask)
+        embeddings = self.encode(features, seq_mask)
 
         if seq_owner is not None:  # mean over each material's equivalent Wyckoff sets
-            assert mask is not None
+            assert mask is not None  # owner n_mat: filler sequences, dropped here
             n_mat = mask.shape[0]
-            summed = embeddings.new_zeros((n_mat, *embeddings.shape[1:]))
+            summed = embeddings.new_zeros((n_mat + 1, *embeddings.shape[1:]))
             summed.index_add_(0, seq_owner, embeddings)
-            counts = embeddings.new_zeros(n_mat).index_add_(
+            counts = embeddings.new_zeros(n_mat + 1).index_add_(
                 0, seq_owner, torch.ones_like(seq_owner, dtype=embeddings.dtype))
-            embeddings = summed / counts[:, None, None]
+            embeddings = summed[:n_mat] / counts[:n_mat, None, None]
         else:
             mask = seq_mask
 
@@ -227,9 +228,33 @@ class MatbenchTransformer(Wrenformer):
         hidden = F.relu(self.trunk_nn(pooled))
         return tuple(head(hidden) for head in self.output_nns)
 
+    def encode(self, x: Tensor, pad: Tensor) -> Tensor:
+        """aviary's transformer encoder (pre-norm nn.TransformerEncoderLayers) on x
+        (S, L, d_model), pad (S, L) True at padding: the layers' own parameters and
+        math in fewer ops than nn.MultiheadAttention's general path (a test checks
+        they agree). Under CPU autocast the attention core runs in fp32, which is
+        faster there than bf16 at these sizes."""
+        n_seq, length, _ = x.shape
+        attend = ~pad[:, None, None, :]
+        for layer in self.transformer_encoder.layers:
+            attn = layer.self_attn
+            qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
+            q, k, v = qkv.view(n_seq, length, 3, attn.num_heads, -1).permute(
+                2, 0, 3, 1, 4)
+            if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+                q, k, v = q.float(), k.float(), v.float()
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attend,
+                dropout_p=attn.dropout if self.training else 0.0)
+            x = x + layer.dropout1(attn.out_proj(out.transpose(1, 2).reshape(x.shape)))
+            hidden = layer.activation(layer.linear1(layer.norm2(x)))
+            x = x + layer.dropout2(layer.linear2(layer.dropout(hidden)))
+        return x
+
 
 # --- device-resident batching -------------------------------------------------------
 Batch = tuple[tuple, Tensor, Tensor]  # (model inputs, targets, material indices)
+SEQ_MULTIPLE = 8  # Wrenformer batches hold a multiple of this many sequences
 
 
 class DeviceData:
@@ -248,6 +273,14 @@ class DeviceData:
         self.targets = torch.as_tensor(targets, device=device)
         self.n_seq = np.diff(tokens.seq_start)
         self.is_wren = tokens.wyckoff is not None
+        if self.is_wren:  # a filler sequence (one hydrogen token) pads batches to
+            # SEQ_MULTIPLE sequences, so batch shapes repeat across epochs
+            self.filler = len(tokens.elem)
+            filler = torch.zeros_like(self.elem[:1])
+            filler[0, 0] = 1
+            self.elem = torch.cat([self.elem, filler])
+            self.frac = torch.cat([self.frac, torch.zeros_like(self.frac[:1])])
+            self.wyckoff = torch.cat([self.wyckoff, torch.zeros_like(self.wyckoff[:1])])
         # each material's first sequence: its padding mask is the material's
         self.first_seq = torch.as_tensor(tokens.seq_start[:-1], device=device)
 
@@ -281,17 +314,24 @@ class DeviceData:
         """Yield (inputs, targets, material indices) batches covering every material
         once."""
         batches = self.epoch_batches(rng)
-        order = np.concatenate(batches) if batches else np.zeros(0, dtype=int)
+        if not batches:
+            return
+        order = np.concatenate(batches)
         bounds = np.concatenate([[0], np.cumsum([len(b) for b in batches])])
         max_len = [int(self.tokens.length[b].max()) for b in batches]
         mat_order = torch.as_tensor(order, device=self.device)
-        if self.is_wren:
-            counts = self.n_seq[order]
-            seq_bounds = np.concatenate([[0], np.cumsum(counts)])[bounds]
-            seq_order = torch.as_tensor(
-                expand_ranges(self.tokens.seq_start[order], counts), device=self.device)
-            owner = torch.as_tensor(np.repeat(np.arange(len(order)), counts),
-                                    device=self.device)
+        if self.is_wren:  # each batch's sequences, then fillers (owned by no material)
+            seq_parts, owner_parts = [], []
+            for batch in batches:
+                counts = self.n_seq[batch]
+                n_fill = -counts.sum() % SEQ_MULTIPLE
+                seq_parts += [expand_ranges(self.tokens.seq_start[batch], counts),
+                              np.full(n_fill, self.filler)]
+                owner_parts += [np.repeat(np.arange(len(batch)), counts),
+                                np.full(n_fill, len(batch))]
+            seq_bounds = np.cumsum([0] + [len(part) for part in owner_parts])[::2]
+            seq_order = torch.as_tensor(np.concatenate(seq_parts), device=self.device)
+            owner = torch.as_tensor(np.concatenate(owner_parts), device=self.device)
         for b, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             width = max_len[b]
             mat_idx = mat_order[start:stop]
@@ -300,7 +340,7 @@ class DeviceData:
                 elem = self.elem[seq_idx, :width]
                 inputs = (elem, self.frac[seq_idx, :width],
                           self.wyckoff[seq_idx, :width], elem == 0,
-                          owner[seq_bounds[b]: seq_bounds[b + 1]] - int(start),
+                          owner[seq_bounds[b]: seq_bounds[b + 1]],
                           self.elem[self.first_seq[mat_idx], :width] == 0)
             else:
                 elem = self.elem[mat_idx, :width]
@@ -319,7 +359,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     warmup_frac: float = 0.05
     robust: bool = False
-    amp: bool = False  # bf16 autocast (CUDA)
+    amp: bool = False  # bf16 autocast, fp32 weights and optimizer
     seed: int = 0
 
 

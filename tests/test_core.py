@@ -337,7 +337,7 @@ def test_package_imports_outside_repo(tmp_path):
 def test_device_batches_cover_every_material_once(featurized):
     import torch
 
-    from mat_bench.training import DeviceData, tokenize_protostructures
+    from mat_bench.training import SEQ_MULTIPLE, DeviceData, tokenize_protostructures
 
     featurized("matbench_phonons")
     labels = list(load_featurized("matbench_phonons").protostructure.dropna()[:300])
@@ -348,13 +348,18 @@ def test_device_batches_cover_every_material_once(featurized):
         seen = []
         for (elem, frac, wyk, seq_mask, owner, mask), targets, mat_idx in data.batches(rng):
             assert len(mat_idx) <= 32 and targets.tolist() == mat_idx.tolist()
-            # every sequence of a material is in its batch, owned by its position
-            assert owner.bincount(minlength=len(mat_idx)).tolist() == \
+            # every sequence of a material is in its batch, owned by its position;
+            # filler sequences (owner len(mat_idx), one token) pad to SEQ_MULTIPLE
+            n_mat = len(mat_idx)
+            assert owner.bincount(minlength=n_mat + 1)[:n_mat].tolist() == \
                 np.diff(tokens.seq_start)[mat_idx.numpy()].tolist()
+            assert len(owner) % SEQ_MULTIPLE == 0 and owner.max() <= n_mat
+            assert (owner == n_mat).sum() < SEQ_MULTIPLE
             # the width fits the longest material, and padding is where tokens end
-            lengths = torch.as_tensor(tokens.length)[mat_idx]
-            assert elem.shape[1] == lengths.max()
-            assert ((~mask).sum(1) == lengths).all()
+            lengths = torch.cat([torch.as_tensor(tokens.length)[mat_idx],
+                                 torch.ones(1, dtype=torch.long)])
+            assert elem.shape[1] == lengths[:n_mat].max()
+            assert ((~mask).sum(1) == lengths[:n_mat]).all()
             assert ((~seq_mask).sum(1) == lengths[owner]).all()
             seen += mat_idx.tolist()
         assert sorted(seen) == list(range(len(labels)))
@@ -373,3 +378,56 @@ def test_wandb_online_without_login_says_what_to_do(featurized, tmp_path, monkey
                      str(tmp_path), "--run-name", "online"])
     assert code == 2 and "wandb login" in capsys.readouterr().err
     assert not list(tmp_path.rglob("online.json"))
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_encode_matches_aviarys_transformer_encoder(featurized, amp):
+    """MatbenchTransformer.encode (our lean layer loop) computes what aviary's
+    nn.TransformerEncoder computes with the same weights, gradients included."""
+    import torch
+
+    from mat_bench.training import DeviceData, MatbenchTransformer, autocast, tokenize
+
+    featurized("matbench_phonons")
+    labels = list(load_featurized("matbench_phonons").protostructure.dropna()[:200])
+    data = DeviceData(tokenize("wrenformer", labels),
+                      np.zeros(len(labels), "float32"), torch.device("cpu"), 64)
+    torch.manual_seed(0)
+    model = MatbenchTransformer(wyckoff=True, robust=False, n_targets=[1],
+                                task_dict={"t": "regression"}, n_attn_layers=2)
+    model.train()
+    for (elem, *_, seq_mask, _, _), _, _ in data.batches(np.random.default_rng(0)):
+        x = torch.randn(*elem.shape, 128)
+        with autocast(torch.device("cpu"), amp):
+            ours = model.encode(x, seq_mask)
+            ref = model.transformer_encoder(x, src_key_padding_mask=seq_mask)
+        keep = ~seq_mask
+        tol = 3e-2 if amp else 1e-5  # bf16 GEMMs: compare at bf16's precision
+        torch.testing.assert_close(ours.float()[keep], ref.float()[keep], atol=tol,
+                                   rtol=tol)
+        weight = model.transformer_encoder.layers[0].linear1.weight
+        (grad_ours,) = torch.autograd.grad(ours[keep].float().sum(), weight)
+        (grad_ref,) = torch.autograd.grad(ref[keep].float().sum(), weight)
+        assert torch.isfinite(grad_ours).all()
+        assert torch.nn.functional.cosine_similarity(
+            grad_ours.flatten(), grad_ref.flatten(), dim=0) > (0.99 if amp else 0.99999)
+
+
+def test_filler_sequences_change_no_prediction(featurized, monkeypatch):
+    """Padding Wrenformer batches with filler sequences leaves predictions alone."""
+    import torch
+
+    import mat_bench.training as training
+
+    featurized("matbench_phonons")
+    labels = list(load_featurized("matbench_phonons").protostructure.dropna()[:150])
+    data = training.DeviceData(training.tokenize("wrenformer", labels),
+                               np.zeros(len(labels), "float32"),
+                               torch.device("cpu"), 32)
+    cfg = training.TrainConfig("regression", 1)
+    torch.manual_seed(0)
+    state = training.new_train_state("wrenformer", data, cfg, n_attn_layers=1)
+    padded = training.predict(state.model, data, cfg, state.normalizer)
+    monkeypatch.setattr(training, "SEQ_MULTIPLE", 1)
+    plain = training.predict(state.model, data, cfg, state.normalizer)
+    np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-5)
