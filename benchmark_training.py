@@ -3,6 +3,7 @@ data, model, batch size, optimizer (AdamW) and learning rate.
 
 Examples:
     python benchmark_training.py                          # 3 cases, batch 32, this machine
+    python benchmark_training.py --amp --max-train 4000   # bf16 autocast on a CPU too
     python benchmark_training.py --device cuda --batch-sizes 32 1024
     python benchmark_training.py --cases roostformer-expt_gap --max-train 500 --epochs 2
     python benchmark_training.py --labels                 # Wyckoff labels/s on phonons
@@ -11,7 +12,9 @@ For each case (task, model) and batch size it measures, for (a) aviary's referen
 loop (`df_to_in_mem_dataloader` + `Wrenformer.evaluate(action="train")`) and (b)
 `training.train`: training samples/s over the epochs after a warm-up epoch, the time
 to the first batch (featurization plus tensorization) and peak memory (RSS; CUDA peak
-on a GPU). Each measurement runs in its own subprocess, so peak memory is its own.
+on a GPU). Each measurement runs in its own subprocess, so peak memory is its own,
+and is repeated (--repeats, interleaved aviary/ours) since a shared machine's speed
+drifts: the table shows medians, and the speed-up is the median of side-by-side ratios.
 Data: the training ids of Matbench fold 0, featurized by featurize_matbench.py,
 optionally cut to --max-train rows. It is a benchmark, not a test: record its table
 in BENCHMARKS.md with the machine it ran on.
@@ -43,6 +46,7 @@ LEARNING_RATE = 5e-4
 EPOCHS = 3  # the first is the warm-up
 BATCH_SIZES = (32,)
 IMPLS = ("aviary", "ours")
+REPEATS = 3  # interleaved runs per implementation (this VM's speed drifts)
 
 
 def training_frame(task: str, model: str, max_train: int | None, seed: int = 0):
@@ -130,7 +134,8 @@ def measure_ours(df, model: str, batch_size: int, device: str, epochs: int,
         return False
 
     train(state, data, None, cfg, on_epoch_end=on_epoch_end, progress=False)
-    return {"first_batch_s": first_batch_s, "epoch_seconds": epoch_seconds}
+    return {"first_batch_s": first_batch_s, "epoch_seconds": epoch_seconds,
+            "precision": "bf16" if cfg.amp else "fp32"}
 
 
 def measure(impl: str, case: str, batch_size: int, device: str, epochs: int,
@@ -148,8 +153,8 @@ def measure(impl: str, case: str, batch_size: int, device: str, epochs: int,
         out = measure_ours(df, model, batch_size, device, epochs, amp=amp)
     timed = out["epoch_seconds"][1:] or out["epoch_seconds"]
     row = {
-        "case": case, "impl": impl if impl == "aviary" or amp is None
-        else f"ours ({'bf16' if amp else 'fp32'})",
+        "case": case,
+        "impl": impl if impl == "aviary" else f"ours ({out['precision']})",
         "batch_size": batch_size, "device": device,
         "n_train": len(df), "epochs_timed": len(timed),
         "samples_per_s": round(len(df) * len(timed) / sum(timed), 1),
@@ -205,6 +210,29 @@ def label_speed(workers: Sequence[int], n_structures: int | None) -> list[dict]:
     return rows
 
 
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per implementation from its repeated runs: the median samples/s, the
+    range, and (for ours) the median ratio to aviary over runs made side by side."""
+    rows = []
+    for impl_runs in runs.values():
+        speeds = [run["samples_per_s"] for run in impl_runs]
+        row = {**impl_runs[0], "samples_per_s": round(float(np.median(speeds)), 1),
+               "first_batch_s": round(float(np.median(
+                   [run["first_batch_s"] for run in impl_runs])), 2),
+               "peak_rss_mb": max(run["peak_rss_mb"] for run in impl_runs)}
+        if "cuda_peak_mb" in row:
+            row["cuda_peak_mb"] = max(run["cuda_peak_mb"] for run in impl_runs)
+        if len(speeds) > 1:
+            row.update(runs=len(speeds), samples_per_s_min=min(speeds),
+                       samples_per_s_max=max(speeds))
+        rows.append(row)
+    if len(runs) == 2:
+        ratios = [ours["samples_per_s"] / aviary["samples_per_s"]
+                  for aviary, ours in zip(*runs.values(), strict=True)]
+        rows[1]["speedup_vs_aviary"] = round(float(np.median(ratios)), 2)
+    return rows
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     cols = list(dict.fromkeys(key for row in rows for key in row))
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
@@ -221,10 +249,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--epochs", type=int, default=EPOCHS,
                         help="epochs per measurement; all but the first are timed")
+    parser.add_argument("--repeats", type=int, default=REPEATS,
+                        help="runs per implementation, interleaved; medians are "
+                        "reported")
     parser.add_argument("--max-train", type=int, default=None,
                         help="cut each training set to this many rows")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast in our trainer (default: on for CUDA)")
+                        help="bf16 autocast in our trainer (default: on for CUDA, "
+                        "as in run_matbench.py)")
     parser.add_argument("--labels", action="store_true",
                         help="measure Wyckoff labelling speed instead of training")
     parser.add_argument("--label-workers", nargs="+", type=int,
@@ -248,17 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = []
         for case in args.cases:
             for batch_size in args.batch_sizes:
-                by_impl = {}
-                for impl in args.impls:
-                    row = run_in_subprocess(impl, case, batch_size, args.device,
-                                            args.epochs, args.max_train, args.amp)
-                    by_impl[impl] = row
-                    print(json.dumps(row), flush=True)
-                if len(by_impl) == 2:
-                    by_impl["ours"]["speedup_vs_aviary"] = round(
-                        by_impl["ours"]["samples_per_s"]
-                        / by_impl["aviary"]["samples_per_s"], 2)
-                rows += by_impl.values()
+                runs: dict[str, list[dict]] = {impl: [] for impl in args.impls}
+                for _ in range(args.repeats):  # interleaved: drift hits both alike
+                    for impl in args.impls:
+                        row = run_in_subprocess(impl, case, batch_size, args.device,
+                                                args.epochs, args.max_train, args.amp)
+                        runs[impl].append(row)
+                        print(json.dumps(row), flush=True)
+                rows += summarize(runs)
     if args.json_out:
         with open(args.json_out, "w") as file:
             json.dump(rows, file, indent=1)

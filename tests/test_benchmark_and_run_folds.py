@@ -14,14 +14,17 @@ def test_benchmark_runs_both_loops_on_a_tiny_slice(featurized, tmp_path, capsys)
     featurized("matbench_expt_gap")
     out = tmp_path / "rows.json"
     assert bench_main(["--cases", "roostformer-expt_gap", "--max-train", "64",
-                       "--epochs", "2", "--json-out", str(out)]) == 0
+                       "--epochs", "2", "--repeats", "2", "--no-amp",
+                       "--json-out", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [row["impl"] for row in rows] == ["aviary", "ours"]
+    assert [row["impl"] for row in rows] == ["aviary", "ours (fp32)"]
     for row in rows:
-        assert row["n_train"] == 64 and row["samples_per_s"] > 0
+        assert row["n_train"] == 64 and row["runs"] == 2
+        assert (row["samples_per_s_min"] <= row["samples_per_s"]
+                <= row["samples_per_s_max"])
         assert row["peak_rss_mb"] > 0 and row["first_batch_s"] >= 0
     assert rows[1]["speedup_vs_aviary"] > 0
-    assert "| roostformer-expt_gap | ours |" in capsys.readouterr().out
+    assert "| roostformer-expt_gap | ours (fp32) |" in capsys.readouterr().out
 
 
 def test_run_folds_skips_recorded_folds_and_grid_shows_validation(featurized, tmp_path,
