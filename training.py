@@ -236,12 +236,13 @@ class MatbenchTransformer(Wrenformer):
         faster there than bf16 at these sizes."""
         n_seq, length, _ = x.shape
         attend = ~pad[:, None, None, :]
+        fp32_attention = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         for layer in self.transformer_encoder.layers:
             attn = layer.self_attn
             qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
             q, k, v = qkv.view(n_seq, length, 3, attn.num_heads, -1).permute(
                 2, 0, 3, 1, 4)
-            if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            if fp32_attention:
                 q, k, v = q.float(), k.float(), v.float()
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attend,
@@ -325,11 +326,13 @@ class DeviceData:
             for batch in batches:
                 counts = self.n_seq[batch]
                 n_fill = -counts.sum() % SEQ_MULTIPLE
-                seq_parts += [expand_ranges(self.tokens.seq_start[batch], counts),
-                              np.full(n_fill, self.filler)]
-                owner_parts += [np.repeat(np.arange(len(batch)), counts),
-                                np.full(n_fill, len(batch))]
-            seq_bounds = np.cumsum([0] + [len(part) for part in owner_parts])[::2]
+                seq_parts.append(np.concatenate([
+                    expand_ranges(self.tokens.seq_start[batch], counts),
+                    np.full(n_fill, self.filler)]))
+                owner_parts.append(np.concatenate([
+                    np.repeat(np.arange(len(batch)), counts),
+                    np.full(n_fill, len(batch))]))
+            seq_bounds = np.cumsum([0] + [len(part) for part in seq_parts])
             seq_order = torch.as_tensor(np.concatenate(seq_parts), device=self.device)
             owner = torch.as_tensor(np.concatenate(owner_parts), device=self.device)
         for b, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
