@@ -226,10 +226,11 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             row.update(runs=len(speeds), samples_per_s_min=min(speeds),
                        samples_per_s_max=max(speeds))
         rows.append(row)
-    if len(runs) == 2:
+    if set(runs) == {"aviary", "ours"}:
         ratios = [ours["samples_per_s"] / aviary["samples_per_s"]
-                  for aviary, ours in zip(*runs.values(), strict=True)]
-        rows[1]["speedup_vs_aviary"] = round(float(np.median(ratios)), 2)
+                  for aviary, ours in zip(runs["aviary"], runs["ours"], strict=True)]
+        rows[list(runs).index("ours")]["speedup_vs_aviary"] = round(
+            float(np.median(ratios)), 2)
     return rows
 
 

@@ -31,6 +31,7 @@ import pandas as pd
 
 from mat_bench import ALL_TASKS, N_FOLDS, ROOT, TASK_INFO
 from mat_bench.data import UserError, check_fold, check_task, read_json_results
+from mat_bench.slurm_submit import done_pairs, scores_path
 
 
 def grid_runs(run_name: str, grid: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -53,11 +54,6 @@ def grid_runs(run_name: str, grid: Sequence[str]) -> list[tuple[str, list[str]]]
     return runs
 
 
-def recorded(out_dir: Path, run_name: str, task: str, fold: int) -> bool:
-    scores = read_json_results(out_dir / "model_scores" / f"{run_name}.json")
-    return f"fold_{fold}" in scores.get(task, {})
-
-
 def run_job(cmd: list[str], log_path: Path) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
@@ -68,8 +64,7 @@ def validation_table(out_dir: Path, run_names: Sequence[str]) -> pd.DataFrame:
     """Mean validation metric per run and task (never the test fold's scores)."""
     rows = []
     for name in run_names:
-        for task, folds in read_json_results(
-                out_dir / "model_scores" / f"{name}.json").items():
+        for task, folds in read_json_results(scores_path(out_dir, name)).items():
             key = "val_mae" if TASK_INFO[task][1] == "regression" else "val_rocauc"
             vals = [f[key] for f in folds.values() if key in f]
             if vals:
@@ -98,9 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.parallel < 1:
             raise UserError("--parallel must be at least 1")
         runs = grid_runs(args.run_name, args.grid)
+        done = {name: done_pairs(scores_path(out_dir, name), args.model)
+                for name, _ in runs}
         jobs = []
         for (name, flags), task, fold in itertools.product(runs, args.tasks, args.folds):
-            if recorded(out_dir, name, task, fold):
+            if (task, fold) in done[name]:
                 print(f"skip {name} {task} fold {fold}: already recorded")
                 continue
             cmd = [sys.executable, "run_matbench.py", "--model", args.model, "--task",

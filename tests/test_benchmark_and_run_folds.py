@@ -50,3 +50,23 @@ def test_run_folds_bad_task(capsys):
     assert folds_main(["--model", "roostformer", "--run-name", "x", "--tasks",
                        "matbench_nope"]) == 2
     assert "unknown task 'matbench_nope'" in capsys.readouterr().err
+
+
+def test_run_folds_refuses_a_run_name_holding_another_model(tmp_path, capsys):
+    scores = tmp_path / "model_scores" / "mixed.json"
+    scores.parent.mkdir()
+    scores.write_text(json.dumps({"matbench_steels": {
+        "fold_0": {"mae": 1.0, "params": {"model": "wrenformer"}}}}))
+    assert folds_main(["--model", "roostformer", "--run-name", "mixed", "--tasks",
+                       "matbench_steels", "--out-dir", str(tmp_path)]) == 2
+    assert "holds wrenformer results" in capsys.readouterr().err
+
+
+def test_speedup_pairs_runs_by_name_whatever_the_order():
+    from mat_bench.benchmark_training import summarize
+
+    run = {"samples_per_s": 0.0, "first_batch_s": 0.1, "peak_rss_mb": 1}
+    runs = {"ours": [{**run, "samples_per_s": 300.0}, {**run, "samples_per_s": 200.0}],
+            "aviary": [{**run, "samples_per_s": 100.0}, {**run, "samples_per_s": 50.0}]}
+    ours, aviary = summarize(runs)
+    assert ours["speedup_vs_aviary"] == 3.5 and "speedup_vs_aviary" not in aviary
