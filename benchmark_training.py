@@ -3,7 +3,7 @@ data, model, batch size, optimizer (AdamW) and learning rate.
 
 Examples:
     python benchmark_training.py                          # 3 cases, batch 32, this machine
-    python benchmark_training.py --amp --max-train 4000   # bf16 autocast on a CPU too
+    python benchmark_training.py --amp --max-train 4000   # bf16 on a CPU too
     python benchmark_training.py --device cuda --batch-sizes 32 1024
     python benchmark_training.py --cases roostformer-expt_gap --max-train 500 --epochs 2
     python benchmark_training.py --labels                 # Wyckoff labels/s on phonons
@@ -256,8 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-train", type=int, default=None,
                         help="cut each training set to this many rows")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast in our trainer (default: on for CUDA, "
-                        "as in run_matbench.py)")
+                        help="bf16 in our trainer: autocast on CUDA, a bf16 model "
+                        "copy on a CPU (default: on for CUDA, as in run_matbench.py)")
     parser.add_argument("--labels", action="store_true",
                         help="measure Wyckoff labelling speed instead of training")
     parser.add_argument("--label-workers", nargs="+", type=int,

@@ -60,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "robust": False,
     "val_fraction": 0.1,
     "seed": 0,
-    "amp": None,  # bf16 autocast: None = on for CUDA, off for CPU
+    "amp": None,  # bf16 compute, fp32 master weights: None = on for CUDA, off for CPU
 }
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
 
@@ -378,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
         hyper.add_argument(f"--{key.replace('_', '-')}", type=float,
                            default=DEFAULTS[key])
     hyper.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                       help="bf16 autocast (default: on for CUDA, off for CPU)")
+                       help="bf16 compute with fp32 master weights: autocast on CUDA, "
+                       "a bf16 copy of the model on a CPU (default: on for CUDA, "
+                       "off for CPU)")
     hyper.add_argument("--robust", action="store_true",
                        help="aviary's robust L1 loss with a learned uncertainty")
     hyper.add_argument("--embedding-aggregations", nargs="+",

@@ -10,6 +10,7 @@ matscholar element and Wyckoff embeddings inside its forward pass, so a fold of
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -202,12 +203,13 @@ class MatbenchTransformer(Wrenformer):
                 index B marks filler sequences, which are ignored).
             mask: (B, L) True at padding, per material (Wrenformer).
         """
+        dtype = self.resize_embedding.weight.dtype  # bf16 in a Bf16Copy
         parts = [frac[..., None], self.elem_table[elem]]
         if wyckoff is not None:
             parts.append(self.wyckoff_table[wyckoff])
         if self.frac_encoding_dims:
             parts.append(fraction_encoding(frac, self.frac_encoding_dims))
-        features = self.resize_embedding(torch.cat(parts, dim=-1))
+        features = self.resize_embedding(torch.cat(parts, dim=-1).to(dtype))
         embeddings = self.encode(features, seq_mask)
 
         if seq_owner is not None:  # mean over each material's equivalent Wyckoff sets
@@ -225,18 +227,19 @@ class MatbenchTransformer(Wrenformer):
         pooled = torch.cat([masked_mean(embeddings, inv_mask) if key == "mean"
                             else AGGREGATORS[key](embeddings, inv_mask, 1)
                             for key in self.embedding_aggregations], dim=1)
-        hidden = F.relu(self.trunk_nn(pooled))
+        hidden = F.relu(self.trunk_nn(pooled.to(dtype)))
         return tuple(head(hidden) for head in self.output_nns)
 
     def encode(self, x: Tensor, pad: Tensor) -> Tensor:
         """aviary's transformer encoder (pre-norm nn.TransformerEncoderLayers) on x
         (S, L, d_model), pad (S, L) True at padding: the layers' own parameters and
         math in fewer ops than nn.MultiheadAttention's general path (a test checks
-        they agree). Under CPU autocast the attention core runs in fp32, which is
-        faster there than bf16 at these sizes."""
+        they agree). In bf16 on a CPU the attention core runs in fp32, which is
+        faster there at these sizes."""
         n_seq, length, _ = x.shape
         attend = ~pad[:, None, None, :]
-        fp32_attention = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        fp32_attention = x.device.type == "cpu" and (
+            torch.is_autocast_enabled("cpu") or x.dtype == torch.bfloat16)
         for layer in self.transformer_encoder.layers:
             attn = layer.self_attn
             qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
@@ -247,7 +250,8 @@ class MatbenchTransformer(Wrenformer):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attend,
                 dropout_p=attn.dropout if self.training else 0.0)
-            x = x + layer.dropout1(attn.out_proj(out.transpose(1, 2).reshape(x.shape)))
+            out = out.transpose(1, 2).reshape(x.shape).to(x.dtype)
+            x = x + layer.dropout1(attn.out_proj(out))
             hidden = layer.activation(layer.linear1(layer.norm2(x)))
             x = x + layer.dropout2(layer.linear2(layer.dropout(hidden)))
         return x
@@ -362,19 +366,19 @@ class TrainConfig:
     weight_decay: float = 1e-2
     warmup_frac: float = 0.05
     robust: bool = False
-    amp: bool = False  # bf16 autocast, fp32 weights and optimizer
+    amp: bool = False  # bf16 compute, fp32 weights and optimizer (autocast on CUDA)
     seed: int = 0
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, steps: int
+def make_optimizer(params: Sequence[Tensor], cfg: TrainConfig, steps: int
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (fused where the device supports it) with linear warm-up and cosine
     decay over `steps` optimizer steps."""
     try:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate,
                                       weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate,
                                       weight_decay=cfg.weight_decay)
     warmup = max(1, int(cfg.warmup_frac * steps))
 
@@ -385,6 +389,51 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, steps: int
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+class Bf16Copy:
+    """Mixed precision without autocast: forward and backward run on a bf16 copy of
+    the model; its gradients are copied into fp32 master weights, which the optimizer
+    updates (`master`: the model's parameters as one flat tensor, each parameter a
+    view of it), and `refresh` copies those back into the bf16 copy. Flat buffers make
+    each copy one op and the fused AdamW step one kernel. On a CPU this skips
+    autocast's per-op casts, which at these sizes cost more than a tenth of a step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        params = list(model.parameters())
+        self.model = copy.deepcopy(model).to(torch.bfloat16)
+        self.twins = list(self.model.parameters())
+        self.master = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+        self.master.grad = torch.zeros_like(self.master)
+        self.weights = self.master.detach().to(torch.bfloat16)  # the copy, flat
+        self.grads = []  # views of master.grad, one per parameter
+        start = 0
+        for param, twin in zip(params, self.twins, strict=True):
+            end = start + param.numel()
+            param.data = self.master.data[start:end].view_as(param)
+            twin.data = self.weights[start:end].view_as(param)
+            self.grads.append(self.master.grad[start:end].view_as(param))
+            start = end
+
+    def backward(self, loss: Tensor) -> None:
+        """Backpropagate through the copy into the master gradients."""
+        for twin in self.twins:
+            twin.grad = None
+        loss.backward()
+        grads, twin_grads = [], []
+        for grad, twin in zip(self.grads, self.twins, strict=True):
+            if twin.grad is None:  # a parameter the loss did not reach
+                grad.zero_()
+            else:
+                grads.append(grad)
+                twin_grads.append(twin.grad)
+        torch._foreach_copy_(grads, twin_grads)  # bf16 -> fp32
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the master weights (after an optimizer step or a checkpoint load)
+        into the bf16 copy."""
+        self.weights.copy_(self.master)
 
 
 def compute_loss(output: Tensor, targets: Tensor, cfg: TrainConfig,
@@ -458,14 +507,17 @@ class TrainState:
     normalizer: Normalizer
     epoch: int = 0  # epochs completed
     train_seconds: float = 0.0
+    bf16: Bf16Copy | None = None  # bf16 compute copy (amp on a CPU)
 
 
 def new_train_state(model: str, data: DeviceData, cfg: TrainConfig, *,
                     frac_encoding_dims: int = 0, **model_kwargs) -> TrainState:
     """A fresh model on data's device, the normalizer fitted on data's targets
     (regression; identity for classification) and AdamW with its schedule over
-    cfg.epochs epochs of data. model_kwargs go to aviary's Wrenformer (d_model,
-    n_attn_layers, n_attn_heads, dropout, embedding_aggregations, ...)."""
+    cfg.epochs epochs of data. With cfg.amp on a CPU, training runs on a Bf16Copy
+    (the optimizer updates its flat fp32 master); on CUDA, under autocast.
+    model_kwargs go to aviary's Wrenformer (d_model, n_attn_layers, n_attn_heads,
+    dropout, embedding_aggregations, ...)."""
     normalizer = Normalizer()
     if cfg.task_type == "regression":
         normalizer.fit(data.targets.double())
@@ -477,8 +529,11 @@ def new_train_state(model: str, data: DeviceData, cfg: TrainConfig, *,
         n_targets=[1 if cfg.task_type == "regression" else 2],
         device=str(data.device), **model_kwargs,
     ).to(data.device)
-    optimizer, scheduler = make_optimizer(net, cfg, cfg.epochs * data.n_batches())
-    return TrainState(net, optimizer, scheduler, normalizer)
+    bf16 = Bf16Copy(net) if cfg.amp and data.device.type == "cpu" else None
+    optimizer, scheduler = make_optimizer(
+        [bf16.master] if bf16 else list(net.parameters()), cfg,
+        cfg.epochs * data.n_batches())
+    return TrainState(net, optimizer, scheduler, normalizer, bf16=bf16)
 
 
 def train(state: TrainState, train_data: DeviceData, val_data: DeviceData | None,
@@ -491,18 +546,27 @@ def train(state: TrainState, train_data: DeviceData, val_data: DeviceData | None
     val_key = "val_mae" if cfg.task_type == "regression" else "val_rocauc"
     pbar = tqdm(range(state.epoch, cfg.epochs), initial=state.epoch, total=cfg.epochs,
                 desc="epochs", disable=not progress, mininterval=1, dynamic_ncols=True)
+    bf16 = state.bf16  # bf16 on a CPU: a bf16 copy is faster than autocast
+    if bf16:
+        bf16.refresh()  # the master weights may come from a checkpoint
+    net = bf16.model if bf16 else model
     for epoch in pbar:
         start = time.perf_counter()
-        model.train()
+        net.train()
         loss_sum = torch.zeros((), device=train_data.device)
         for inputs, targets, _ in train_data.batches(rng):
-            with autocast(train_data.device, cfg.amp):
-                output = model(*inputs)[0]
+            with autocast(train_data.device, cfg.amp and bf16 is None):
+                output = net(*inputs)[0]
             loss = compute_loss(output, targets, cfg, state.normalizer)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if bf16:
+                bf16.backward(loss)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             optimizer.step()
             scheduler.step()
+            if bf16:
+                bf16.refresh()
             loss_sum += loss.detach()
         metrics = {"train_loss": float(loss_sum) / train_data.n_batches(),
                    "lr": scheduler.get_last_lr()[0]}

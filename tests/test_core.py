@@ -431,3 +431,71 @@ def test_filler_sequences_change_no_prediction(featurized, monkeypatch):
     monkeypatch.setattr(training, "SEQ_MULTIPLE", 1)
     plain = training.predict(state.model, data, cfg, state.normalizer)
     np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_copy_follows_autocast_and_resumes_from_a_checkpoint(featurized):
+    """amp on a CPU trains a bf16 copy of the model: its gradients, copied into the
+    flat fp32 master weights, agree with autocast's; the optimizer's update reaches
+    the copy; and a state rebuilt from saved state dicts trains on exactly like the
+    state that was saved (the copy is refreshed from the loaded weights)."""
+    import copy
+
+    import torch
+
+    import mat_bench.training as training
+
+    featurized("matbench_phonons")
+    df = load_featurized("matbench_phonons").dropna(subset=["protostructure"])[:160]
+    data = training.DeviceData(training.tokenize("wrenformer", list(df.protostructure)),
+                               df.target.to_numpy("float32"), torch.device("cpu"), 32)
+    cfg = training.TrainConfig("regression", 3, amp=True)
+    torch.manual_seed(0)
+    state = training.new_train_state("wrenformer", data, cfg, n_attn_layers=2)
+    bf16 = state.bf16
+    assert bf16 is not None and state.optimizer.param_groups[0]["params"] == [
+        bf16.master]
+    params = list(state.model.parameters())
+    assert all(p.untyped_storage().data_ptr() == bf16.master.untyped_storage().data_ptr()
+               for p in params)  # the model's weights are views of the master
+
+    # gradients: the bf16 copy vs autocast on an fp32 twin of the model
+    twin = copy.deepcopy(state.model)
+    inputs, targets, _ = next(data.batches(np.random.default_rng(0)))
+    bf16.model.train()
+    bf16.backward(training.compute_loss(bf16.model(*inputs)[0], targets, cfg,
+                                        state.normalizer))
+    with training.autocast(torch.device("cpu"), True):
+        output = twin(*inputs)[0]
+    training.compute_loss(output, targets, cfg, state.normalizer).backward()
+    for grad, (name, param) in zip(bf16.grads, twin.named_parameters(),
+                                        strict=True):
+        assert torch.nn.functional.cosine_similarity(
+            grad.flatten(), param.grad.flatten(), dim=0) > 0.98, name
+
+    # the optimizer updates the master; refresh carries it into the copy
+    before = bf16.master.detach().clone()
+    state.optimizer.step()
+    bf16.refresh()
+    assert not torch.equal(before, bf16.master)
+    for param, copy_param in zip(params, bf16.model.parameters(), strict=True):
+        assert torch.equal(copy_param, param.to(torch.bfloat16))
+
+    # resume: save after one epoch, rebuild, load, train on; compare with going on
+    torch.manual_seed(1)
+    state = training.new_train_state("wrenformer", data, cfg, n_attn_layers=2)
+    training.train(state, data, None, cfg, progress=False,
+                   on_epoch_end=lambda epoch, metrics: epoch == 1)
+    saved = copy.deepcopy({"model": state.model.state_dict(),
+                           "optimizer": state.optimizer.state_dict(),
+                           "scheduler": state.scheduler.state_dict()})
+    torch.manual_seed(2)  # other initial weights, overwritten by the load
+    resumed = training.new_train_state("wrenformer", data, cfg, n_attn_layers=2)
+    resumed.model.load_state_dict(saved["model"])
+    resumed.optimizer.load_state_dict(saved["optimizer"])
+    resumed.scheduler.load_state_dict(saved["scheduler"])
+    resumed.epoch = 1
+    for st in (state, resumed):
+        training.train(st, data, None, cfg, progress=False)
+    np.testing.assert_array_equal(
+        training.predict(state.model, data, cfg, state.normalizer),
+        training.predict(resumed.model, data, cfg, resumed.normalizer))
