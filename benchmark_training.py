@@ -104,6 +104,8 @@ def measure_aviary(df, model: str, batch_size: int, device: str, epochs: int
 def measure_ours(df, model: str, batch_size: int, device: str, epochs: int,
                  amp: bool | None = None) -> dict[str, Any]:
     """This project's trainer: tokens on the device, length buckets, fused AdamW."""
+    import aviary.wren.data  # noqa: F401  imported before the clock starts, as
+    import pymatgen.core  # noqa: F401  measure_aviary imports aviary's loader
     import torch
 
     from mat_bench.training import (

@@ -455,7 +455,8 @@ def test_bf16_copy_follows_autocast_and_resumes_from_a_checkpoint(featurized):
     assert bf16 is not None and state.optimizer.param_groups[0]["params"] == [
         bf16.master]
     params = list(state.model.parameters())
-    assert all(p.untyped_storage().data_ptr() == bf16.master.untyped_storage().data_ptr()
+    master_ptr = bf16.master.untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == master_ptr
                for p in params)  # the model's weights are views of the master
 
     # gradients: the bf16 copy vs autocast on an fp32 twin of the model
