@@ -242,18 +242,22 @@ class MatbenchTransformer(Wrenformer):
             torch.is_autocast_enabled("cpu") or x.dtype == torch.bfloat16)
         for layer in self.transformer_encoder.layers:
             attn = layer.self_attn
+            p_drop = layer.dropout.p if self.training else 0.0  # skip no-op calls
             qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
+            if fp32_attention:
+                qkv = qkv.float()
             q, k, v = qkv.view(n_seq, length, 3, attn.num_heads, -1).permute(
                 2, 0, 3, 1, 4)
-            if fp32_attention:
-                q, k, v = q.float(), k.float(), v.float()
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attend,
                 dropout_p=attn.dropout if self.training else 0.0)
-            out = out.transpose(1, 2).reshape(x.shape).to(x.dtype)
-            x = x + layer.dropout1(attn.out_proj(out))
+            out = attn.out_proj(out.transpose(1, 2).reshape(x.shape).to(x.dtype))
+            x = x + (layer.dropout1(out) if p_drop else out)
             hidden = layer.activation(layer.linear1(layer.norm2(x)))
-            x = x + layer.dropout2(layer.linear2(layer.dropout(hidden)))
+            if p_drop:
+                hidden = layer.dropout(hidden)
+            out = layer.linear2(hidden)
+            x = x + (layer.dropout2(out) if p_drop else out)
         return x
 
 

@@ -413,6 +413,31 @@ def test_encode_matches_aviarys_transformer_encoder(featurized, amp):
             grad_ours.flatten(), grad_ref.flatten(), dim=0) > (0.99 if amp else 0.99999)
 
 
+def test_encode_applies_dropout_only_in_training():
+    """With dropout > 0, encode drops in training mode and matches aviary's encoder
+    (no dropout) in eval mode."""
+    import torch
+
+    from mat_bench.training import MatbenchTransformer
+
+    torch.manual_seed(0)
+    model = MatbenchTransformer(wyckoff=False, robust=False, n_targets=[1],
+                                task_dict={"t": "regression"}, n_attn_layers=2,
+                                dropout=0.5)
+    x = torch.randn(8, 5, 128)
+    pad = torch.zeros(8, 5, dtype=torch.bool)
+    pad[:4, 3:] = True
+    model.train()
+    for layer in model.transformer_encoder.layers:
+        layer.self_attn.dropout = 0.0  # so only the layers' own dropouts act
+    assert not torch.allclose(model.encode(x, pad), model.encode(x, pad))
+    model.eval()
+    with torch.no_grad():
+        ours = model.encode(x, pad)
+        ref = model.transformer_encoder(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(ours[~pad], ref[~pad], atol=1e-5, rtol=1e-5)
+
+
 def test_filler_sequences_change_no_prediction(featurized, monkeypatch):
     """Padding Wrenformer batches with filler sequences leaves predictions alone."""
     import torch
