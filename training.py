@@ -408,19 +408,20 @@ class Bf16Copy:
         self.model = copy.deepcopy(model).to(torch.bfloat16)
         self.twins = list(self.model.parameters())
         self.master = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
-        self.master.grad = torch.zeros_like(self.master)
+        self.master_grad = torch.zeros_like(self.master)
         self.weights = self.master.detach().to(torch.bfloat16)  # the copy, flat
-        self.grads = []  # views of master.grad, one per parameter
+        self.grads = []  # views of master_grad, one per parameter
         start = 0
         for param, twin in zip(params, self.twins, strict=True):
             end = start + param.numel()
             param.data = self.master.data[start:end].view_as(param)
             twin.data = self.weights[start:end].view_as(param)
-            self.grads.append(self.master.grad[start:end].view_as(param))
+            self.grads.append(self.master_grad[start:end].view_as(param))
             start = end
 
     def backward(self, loss: Tensor) -> None:
         """Backpropagate through the copy into the master gradients."""
+        self.master.grad = self.master_grad  # (a zero_grad may have dropped it)
         for twin in self.twins:
             twin.grad = None
         loss.backward()

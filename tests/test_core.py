@@ -194,7 +194,8 @@ def test_concurrent_merges_lose_nothing(tmp_path):
     assert all(data[f"task_{i % 4}"][f"fold_{i}"]["value"] == i for i in range(n_writers))
 
 
-def test_checkpoint_predicts_again(featurized, tmp_path):
+@pytest.mark.parametrize("amp", [False, True])  # on a CPU, amp trains a Bf16Copy
+def test_checkpoint_predicts_again(featurized, tmp_path, amp):
     import torch
 
     from mat_bench.training import (
@@ -208,7 +209,8 @@ def test_checkpoint_predicts_again(featurized, tmp_path):
 
     featurized("matbench_steels")
     run_matbench("roostformer", "matbench_steels", 0, epochs=3, run_name="ck",
-                 out_dir=tmp_path, checkpoint="local", progress=False, **TINY)
+                 out_dir=tmp_path, checkpoint="local", progress=False, amp=amp,
+                 **TINY)
     saved = torch.load(tmp_path / "checkpoints" / "ck" / "matbench_steels-fold_0.pt",
                        weights_only=False)
     assert saved["epoch"] == 3
@@ -218,7 +220,7 @@ def test_checkpoint_predicts_again(featurized, tmp_path):
     test = load_featurized("matbench_steels").loc[get_fold_ids("matbench_steels", 0)[1]]
     data = DeviceData(tokenize_compositions(list(test.composition)),
                       test.target.to_numpy(np.float32), torch.device("cpu"), 64)
-    preds = predict(model, data, TrainConfig("regression", 3), normalizer)
+    preds = predict(model, data, TrainConfig("regression", 3, amp=amp), normalizer)
     recorded = read_json_results(tmp_path / "model_preds" / "ck.json")
     np.testing.assert_allclose(
         preds, recorded["matbench_steels"]["fold_0"]["prediction"], rtol=1e-4)
