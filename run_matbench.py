@@ -192,6 +192,7 @@ def run_matbench(
     from mat_bench.training import (
         DeviceData,
         TrainConfig,
+        cpu_has_fast_bf16,
         new_train_state,
         predict,
         score,
@@ -238,6 +239,9 @@ def run_matbench(
         amp=dev.type == "cuda" if params["amp"] is None else params["amp"],
         seed=params["seed"],
     )
+    if cfg.amp and dev.type == "cpu" and not cpu_has_fast_bf16():
+        print("warning: this CPU has no native bf16 (AVX-512 or ARM bf16), so --amp "
+              "will train slower than fp32: drop --amp", file=sys.stderr, flush=True)
     state = new_train_state(
         model, fit_data, cfg, frac_encoding_dims=params["frac_encoding"],
         d_model=params["d_model"], n_attn_layers=params["n_attn_layers"],

@@ -481,6 +481,15 @@ def predict(model: nn.Module, data: DeviceData, cfg: TrainConfig,
     return preds.cpu().numpy()
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (x86 AVX-512, ARM bf16),
+    as PyTorch's oneDNN backend decides; elsewhere they are emulated and slow."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                           enabled=enabled)

@@ -194,6 +194,21 @@ def test_concurrent_merges_lose_nothing(tmp_path):
     assert all(data[f"task_{i % 4}"][f"fold_{i}"]["value"] == i for i in range(n_writers))
 
 
+def test_amp_on_a_cpu_without_native_bf16_warns(featurized, tmp_path, capsys,
+                                                monkeypatch):
+    import mat_bench.training as training
+
+    featurized("matbench_steels")
+    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: False)
+    run_matbench("roostformer", "matbench_steels", 0, epochs=1, run_name="slow",
+                 out_dir=tmp_path, progress=False, amp=True, **TINY)
+    err = capsys.readouterr().err
+    assert "no native bf16" in err and "drop --amp" in err
+    run_matbench("roostformer", "matbench_steels", 1, epochs=1, run_name="slow",
+                 out_dir=tmp_path, progress=False, amp=False, **TINY)
+    assert "bf16" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("amp", [False, True])  # on a CPU, amp trains a Bf16Copy
 def test_checkpoint_predicts_again(featurized, tmp_path, amp):
     import torch
