@@ -510,8 +510,7 @@ def test_bf16_copy_follows_autocast_and_resumes_from_a_checkpoint(featurized):
     with training.autocast(torch.device("cpu"), True):
         output = twin(*inputs)[0]
     training.compute_loss(output, targets, cfg, state.normalizer).backward()
-    for grad, (name, param) in zip(bf16.grads, twin.named_parameters(),
-                                        strict=True):
+    for grad, (name, param) in zip(bf16.grads, twin.named_parameters(), strict=True):
         assert torch.nn.functional.cosine_similarity(
             grad.flatten(), param.grad.flatten(), dim=0) > 0.98, name
 
