@@ -7,6 +7,10 @@ Examples:
     python benchmark_training.py --device cuda --batch-sizes 32 1024
     python benchmark_training.py --cases roostformer-expt_gap --max-train 500 --epochs 2
     python benchmark_training.py --labels                 # Wyckoff labels/s on phonons
+    python benchmark_training.py --cases roostformer-expt_gap --folds 0 1 2 3 4 \
+        --amp                                             # 5 folds stacked vs aviary x5
+    python benchmark_training.py --device cuda --impls ours --cuda-graphs \
+        --cases roostformer-mp_e_form --folds 0 1 2 3 4 --ensemble 4 --batch-sizes 256
 
 For each case (task, model) and batch size it measures, for (a) aviary's reference
 loop (`df_to_in_mem_dataloader` + `Wrenformer.evaluate(action="train")`) and (b)
@@ -49,12 +53,13 @@ IMPLS = ("aviary", "ours")
 REPEATS = 3  # interleaved runs per implementation (this VM's speed drifts)
 
 
-def training_frame(task: str, model: str, max_train: int | None, seed: int = 0):
-    """Fold 0's training rows of a featurized task (input column, target), cut to
+def training_frame(task: str, model: str, max_train: int | None, seed: int = 0,
+                   fold: int = 0):
+    """A fold's training rows of a featurized task (input column, target), cut to
     max_train rows at random."""
     from mat_bench.data import get_fold_ids, load_featurized
 
-    df = load_featurized(task).loc[get_fold_ids(task, 0)[0]]
+    df = load_featurized(task).loc[get_fold_ids(task, fold)[0]]
     col = "protostructure" if model == "wrenformer" else "composition"
     df = df[df[col].notna()]
     if max_train and len(df) > max_train:
@@ -101,15 +106,19 @@ def measure_aviary(df, model: str, batch_size: int, device: str, epochs: int
     return {"first_batch_s": first_batch_s, "epoch_seconds": epoch_seconds}
 
 
-def measure_ours(df, model: str, batch_size: int, device: str, epochs: int,
-                 amp: bool | None = None) -> dict[str, Any]:
-    """This project's trainer: tokens on the device, length buckets, fused AdamW."""
+def measure_ours(frames: Sequence, model: str, batch_size: int, device: str,
+                 epochs: int, amp: bool | None = None, ensemble: int = 1,
+                 cuda_graphs: bool = False) -> dict[str, Any]:
+    """This project's trainer on all frames at once: one member per (frame, seed),
+    stacked into one model (tokens on the device, length buckets, fused AdamW)."""
     import aviary.wren.data  # noqa: F401  imported before the clock starts, as
     import pymatgen.core  # noqa: F401  measure_aviary imports aviary's loader
+    import pandas as pd
     import torch
 
     from mat_bench.training import (
-        DeviceData,
+        Member,
+        TaskData,
         TrainConfig,
         new_train_state,
         tokenize,
@@ -118,14 +127,22 @@ def measure_ours(df, model: str, batch_size: int, device: str, epochs: int,
 
     dev = torch.device(device)
     start = time.perf_counter()
-    data = DeviceData(tokenize(model, list(df.inputs)), df.target.to_numpy(np.float32),
-                      dev, batch_size)
-    next(data.batches(np.random.default_rng(0)))
+    both = pd.concat(frames)
+    data = TaskData(tokenize(model, list(both.inputs)), both.target.to_numpy(np.float32),
+                    dev)
+    bounds = np.cumsum([0] + [len(df) for df in frames])
+    members = [Member(fold, seed, np.arange(bounds[fold], bounds[fold + 1]),
+                      np.arange(0))
+               for fold in range(len(frames)) for seed in range(ensemble)]
+    cfg = TrainConfig("regression", epochs, batch_size=batch_size,
+                      learning_rate=LEARNING_RATE, cuda_graphs=cuda_graphs,
+                      amp=dev.type == "cuda" if amp is None else amp)
+    plan = data.plan([m.fit_idx for m in members], batch_size,
+                     [np.random.default_rng(0)] * len(members))
+    data.step(plan, 0)
     sync(device)
     first_batch_s = time.perf_counter() - start
-    cfg = TrainConfig("regression", epochs, learning_rate=LEARNING_RATE,
-                      amp=dev.type == "cuda" if amp is None else amp)
-    state = new_train_state(model, data, cfg, **MODEL)
+    state = new_train_state(model, data, members, cfg, **MODEL)
     epoch_seconds: list[float] = []
     stamp = [time.perf_counter()]
 
@@ -135,44 +152,60 @@ def measure_ours(df, model: str, batch_size: int, device: str, epochs: int,
         stamp[0] = now
         return False
 
-    train(state, data, None, cfg, on_epoch_end=on_epoch_end, progress=False)
+    train(state, data, cfg, on_epoch_end=on_epoch_end, progress=False)
     return {"first_batch_s": first_batch_s, "epoch_seconds": epoch_seconds,
             "precision": "bf16" if cfg.amp else "fp32"}
 
 
 def measure(impl: str, case: str, batch_size: int, device: str, epochs: int,
-            max_train: int | None, amp: bool | None = None) -> dict[str, Any]:
-    """One measurement in this process; returns the row of the results table."""
+            max_train: int | None, amp: bool | None = None, folds: Sequence[int] = (0,),
+            ensemble: int = 1, cuda_graphs: bool = False) -> dict[str, Any]:
+    """One measurement in this process; returns the row of the results table.
+    aviary trains one model per fold (and ensemble member) after another; ours
+    trains them all at once, stacked."""
     import torch
 
     model, task = CASES[case]
-    df = training_frame(task, model, max_train)
+    frames = [training_frame(task, model, max_train, fold=fold) for fold in folds]
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    n_samples = sum(map(len, frames)) * ensemble  # per epoch, over all models
     if impl == "aviary":
-        out = measure_aviary(df, model, batch_size, device, epochs)
+        outs = [measure_aviary(df, model, batch_size, device, epochs) for df in frames]
+        timed = [sum(epochs) for epochs in zip(*[out["epoch_seconds"][1:]
+                                                 or out["epoch_seconds"]
+                                                 for out in outs], strict=True)]
+        n_samples = sum(map(len, frames))  # ensemble members would take E times as long
+        out = {"first_batch_s": sum(o["first_batch_s"] for o in outs)}
+        label = "aviary"
     else:
-        out = measure_ours(df, model, batch_size, device, epochs, amp=amp)
-    timed = out["epoch_seconds"][1:] or out["epoch_seconds"]
+        out = measure_ours(frames, model, batch_size, device, epochs, amp=amp,
+                           ensemble=ensemble, cuda_graphs=cuda_graphs)
+        timed = out["epoch_seconds"][1:] or out["epoch_seconds"]
+        label = f"ours ({out['precision']}{', graphs' if cuda_graphs else ''})"
     row = {
-        "case": case,
-        "impl": impl if impl == "aviary" else f"ours ({out['precision']})",
-        "batch_size": batch_size, "device": device,
-        "n_train": len(df), "epochs_timed": len(timed),
-        "samples_per_s": round(len(df) * len(timed) / sum(timed), 1),
+        "case": case, "impl": label, "batch_size": batch_size, "device": device,
+        "folds": len(folds), "ensemble": ensemble,
+        "n_train": sum(map(len, frames)), "epochs_timed": len(timed),
+        "samples_per_s": round(n_samples * len(timed) / sum(timed), 1),
         "first_batch_s": round(out["first_batch_s"], 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
     if device.startswith("cuda"):
+        row["gpu"] = torch.cuda.get_device_name()
         row["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return row
 
 
 def run_in_subprocess(impl: str, case: str, batch_size: int, device: str, epochs: int,
-                      max_train: int | None, amp: bool | None = None) -> dict[str, Any]:
+                      max_train: int | None, amp: bool | None = None,
+                      folds: Sequence[int] = (0,), ensemble: int = 1,
+                      cuda_graphs: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", impl, "--cases", case,
            "--batch-sizes", str(batch_size), "--device", device, "--epochs",
-           str(epochs)]
+           str(epochs), "--folds", *map(str, folds), "--ensemble", str(ensemble)]
+    if cuda_graphs:
+        cmd.append("--cuda-graphs")
     if max_train:
         cmd += ["--max-train", str(max_train)]
     if amp is not None:
@@ -260,6 +293,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 in our trainer: autocast on CUDA, a bf16 model "
                         "copy on a CPU (default: on for CUDA, as in run_matbench.py)")
+    parser.add_argument("--folds", nargs="+", type=int, default=[0],
+                        help="training folds: aviary trains one after another, ours "
+                        "stacks them into one model")
+    parser.add_argument("--ensemble", type=int, default=1,
+                        help="models per fold in ours (stacked)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="ours: the whole step in a CUDA graph (CUDA, Roostformer)")
     parser.add_argument("--labels", action="store_true",
                         help="measure Wyckoff labelling speed instead of training")
     parser.add_argument("--label-workers", nargs="+", type=int,
@@ -273,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.one:  # a single measurement, in a fresh process, for run_in_subprocess
         print(json.dumps(measure(args.one, args.cases[0], args.batch_sizes[0],
                                  args.device, args.epochs, args.max_train,
-                                 args.amp)))
+                                 args.amp, args.folds, args.ensemble,
+                                 args.cuda_graphs)))
         return 0
     print(f"# {platform.node()} | {platform.processor() or platform.machine()} | "
           f"{os.cpu_count()} CPUs | device {args.device}", flush=True)
@@ -286,8 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs: dict[str, list[dict]] = {impl: [] for impl in args.impls}
                 for _ in range(args.repeats):  # interleaved: drift hits both alike
                     for impl in args.impls:
-                        row = run_in_subprocess(impl, case, batch_size, args.device,
-                                                args.epochs, args.max_train, args.amp)
+                        row = run_in_subprocess(
+                            impl, case, batch_size, args.device, args.epochs,
+                            args.max_train, args.amp, args.folds, args.ensemble,
+                            args.cuda_graphs)
                         runs[impl].append(row)
                         print(json.dumps(row), flush=True)
                 rows += summarize(runs)

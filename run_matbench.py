@@ -1,17 +1,23 @@
-"""Train and test Roostformer or Wrenformer on one Matbench task and fold.
+"""Train and test Roostformer or Wrenformer on Matbench tasks: one fold, or several
+folds and an ensemble per fold stacked into one model on the device.
 
 Examples:
     python run_matbench.py --model roostformer --task matbench_expt_gap --fold 0
+    python run_matbench.py --model roostformer --task matbench_expt_gap \
+        --folds 0 1 2 3 4 --ensemble 5
     python run_matbench.py --model wrenformer --task matbench_phonons --fold 3 \
         --epochs 300 --run-name wrenformer-phonons --wandb offline
     python run_matbench.py --model roostformer --task matbench_steels --fold 0 \
         --frac-encoding 0 --device cuda --checkpoint local
 
-The test fold's predictions go to OUT_DIR/model_preds/RUN.json and its scores to
+Each test fold's predictions go to OUT_DIR/model_preds/RUN.json and its scores to
 OUT_DIR/model_scores/RUN.json, merged under a file lock so that many jobs of one run
-can write at once. Folds are Matbench v0.1's own; the normalizer is fitted on the
-training fold; a validation split of the training fold (--val-fraction) is only
-watched, never used to pick a model: the final epoch's model is tested.
+can write at once. Folds are Matbench v0.1's own. A member is a (fold, seed) pair
+with its own validation split of the training fold (--val-fraction), normalizer,
+initial weights and batch order; --folds F.. --ensemble E trains len(F) x E members
+at once (seeds SEED .. SEED+E-1 per fold), each fold's prediction being the mean of its
+members. The validation split is only watched, never used to pick a model: the final
+epoch's model is tested.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
+import pandas as pd
 from mat_bench import ROOT, STRUCTURE_TASKS, TASK_INFO
 from mat_bench.data import (
     UserError,
@@ -114,12 +120,26 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
         raise UserError("--checkpoint must be none or local")
 
 
-def load_fold(model: str, task: str, fold: int) -> tuple[Any, Any, Any]:
-    """The task's featurized rows for the fold's training and test ids, as
-    (train_df, test_df, inputs column)."""
+def check_folds(folds: Sequence[int], ensemble: int) -> None:
+    """Raise UserError for bad --folds or --ensemble values."""
+    if not folds:
+        raise UserError("give at least one fold: --fold F or --folds F [F ...]")
+    for fold in folds:
+        check_fold(fold)
+    if len(set(folds)) != len(folds):
+        raise UserError(f"--folds {' '.join(map(str, folds))} repeats a fold")
+    if ensemble < 1:
+        raise UserError(f"--ensemble must be at least 1, got {ensemble}")
+
+
+def load_task(model: str, task: str, folds: Sequence[int]
+              ) -> tuple[pd.DataFrame, str, dict[int, tuple[list[str], list[str]]]]:
+    """The task's featurized rows, the model's input column and each fold's
+    Matbench (training ids, test ids)."""
     df = load_featurized(task)
-    train_ids, test_ids = get_fold_ids(task, fold)
-    missing = set(train_ids).union(test_ids).difference(df.index)
+    fold_ids = {fold: get_fold_ids(task, fold) for fold in folds}
+    needed = {mbid for train, test in fold_ids.values() for mbid in (*train, *test)}
+    missing = needed.difference(df.index)
     if missing:
         raise UserError(
             f"{len(missing)} Matbench ids of {task} are missing from its featurized "
@@ -136,7 +156,29 @@ def load_fold(model: str, task: str, fold: int) -> tuple[Any, Any, Any]:
                 "MATBENCH_RAW_DIR (or go online) and run `python featurize_matbench.py "
                 f"--tasks {task} --force`"
             )
-    return df.loc[train_ids], df.loc[test_ids], col
+    return df, col, fold_ids
+
+
+def split_members(df: pd.DataFrame, input_col: str,
+                  fold_ids: dict[int, tuple[list[str], list[str]]], ensemble: int,
+                  seed: int, val_fraction: float) -> tuple[list, pd.DataFrame]:
+    """One Member per (fold, seed): seeds seed .. seed + ensemble - 1, each with a
+    validation split of its training fold drawn with its own seed. Rows without an
+    input (Wrenformer: no Wyckoff label) are left out of training. Returns the
+    members (indices into `rows`) and `rows`, the materials with an input."""
+    from mat_bench.training import Member
+
+    rows = df[df[input_col].notna()]
+    position = pd.Series(np.arange(len(rows)), index=rows.index)
+    members = []
+    for fold, (train_ids, _) in fold_ids.items():
+        train_rows = position.reindex(train_ids).dropna().to_numpy(np.int64)
+        n_val = round(val_fraction * len(train_rows))
+        for member_seed in range(seed, seed + ensemble):
+            perm = np.random.default_rng(member_seed).permutation(len(train_rows))
+            members.append(Member(fold, member_seed, train_rows[perm[n_val:]],
+                                  train_rows[perm[:n_val]]))
+    return members, rows
 
 
 def setup_wandb(mode: str, project: str, entity: str | None, run_name: str,
@@ -155,47 +197,150 @@ def setup_wandb(mode: str, project: str, entity: str | None, run_name: str,
                       settings=wandb.Settings(silent=True))
 
 
+def fold_tag(folds: Sequence[int]) -> str:
+    """fold_3, or folds_0-1-2-3-4."""
+    return (f"fold_{folds[0]}" if len(folds) == 1
+            else f"folds_{'-'.join(map(str, folds))}")
+
+
+def checkpoint_path(out_dir: Path, run_name: str, task: str, folds: Sequence[int],
+                    ensemble: int) -> Path:
+    """Where a run's checkpoint lives (one file per task and set of members)."""
+    name = f"{task}-{fold_tag(folds)}"
+    if ensemble > 1 or len(folds) > 1:
+        name += f"-ensemble_{ensemble}"
+    return out_dir / "checkpoints" / run_name / f"{name}.pt"
+
+
+def save_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save({
+            **meta, "model_params": state.model.model_params,
+            "model_state": state.model.state_dict(),
+            "optimizer_state": state.optimizer.state_dict(),
+            "scheduler_state": state.scheduler.state_dict(),
+            "norm_mean": state.norm_mean.cpu(), "norm_std": state.norm_std.cpu(),
+            "epoch": state.epoch, "train_seconds": state.train_seconds,
+        }, tmp)
+
+
+def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
+    """Load a saved state into `state` if `path` exists and was made by the same
+    model, hyperparameters and members."""
+    import torch
+
+    try:
+        saved = torch.load(path, map_location=state.norm_mean.device,
+                           weights_only=False)
+    except Exception as exc:
+        raise UserError(f"checkpoint {path} is unreadable ({type(exc).__name__}): "
+                        "delete it to start over") from exc
+    if any(saved.get(key) != value for key, value in meta.items()):
+        raise UserError(f"checkpoint {path} was made with other hyperparameters or "
+                        "members: delete it or use another --run-name")
+    state.model.load_state_dict(saved["model_state"])
+    state.optimizer.load_state_dict(saved["optimizer_state"])
+    state.scheduler.load_state_dict(saved["scheduler_state"])
+    state.norm_mean.copy_(saved["norm_mean"])
+    state.norm_std.copy_(saved["norm_std"])
+    state.epoch, state.train_seconds = saved["epoch"], saved["train_seconds"]
+
+
+def fold_results(fold: int, members: Sequence[Any], member_preds: Sequence[np.ndarray],
+                 test_df: pd.DataFrame, test_ok: np.ndarray, rows: pd.DataFrame,
+                 task_type: str, val_scores: dict[int, float] | None
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One fold's (scores entry, predictions entry) from its members' test
+    predictions: the ensemble's mean prediction (classification: the mean class-1
+    probability, then the label), the members' spread, and each member's scores.
+    Test rows without an input get the training mean (or majority class)."""
+    from mat_bench.training import CLASS_THRESHOLD, score
+
+    targets = test_df.target.to_numpy()
+    preds = np.empty((len(members), len(test_df)))
+    for m, (member, pred) in enumerate(zip(members, member_preds, strict=True)):
+        preds[m, test_ok] = pred
+        fit_mean = rows.target.iloc[member.fit_idx].mean()
+        preds[m, ~test_ok] = (fit_mean if task_type == "regression"
+                              else float(fit_mean >= CLASS_THRESHOLD))
+    mean = preds.mean(axis=0)
+    scores = score(targets, mean, task_type)
+    if not np.isfinite(list(scores.values())).all():
+        raise RuntimeError(f"non-finite test scores {scores}: training diverged "
+                           "(try a lower --learning-rate)")
+    entry: dict[str, Any] = {**scores, "ensemble": len(members)}
+    if len(members) > 1:
+        entry["members"] = [
+            {"seed": member.seed, **score(targets, pred, task_type),
+             **({} if val_scores is None else {"val": val_scores[m]})}
+            for m, (member, pred) in enumerate(zip(members, preds, strict=True))]
+    preds_entry: dict[str, Any] = {"mbid": list(test_df.index),
+                                   "target": targets.tolist()}
+    if task_type == "classification":
+        preds_entry["prediction"] = (mean >= CLASS_THRESHOLD).astype(int).tolist()
+        preds_entry["probability"] = mean.tolist()
+        spread_key = "probability_std"
+    else:
+        preds_entry["prediction"] = mean.tolist()
+        spread_key = "prediction_std"
+    if len(members) > 1:
+        preds_entry[spread_key] = preds.std(axis=0).tolist()
+    return entry, preds_entry
+
+
 def run_matbench(
     model: str,
     task: str,
-    fold: int,
+    folds: int | Sequence[int],
     *,
+    ensemble: int = 1,
     run_name: str | None = None,
     out_dir: str | os.PathLike = ROOT,
     device: str | None = None,
+    cuda_graphs: bool = False,
     wandb: str = "disabled",
     wandb_project: str = "matbench",
     wandb_entity: str | None = None,
     checkpoint: str = "none",
     progress: bool = True,
     **hyperparams: Any,
-) -> dict[str, Any]:
-    """Train `model` on the training fold of `task`, test it on the test fold, merge
-    predictions and scores into OUT_DIR/model_{preds,scores}/RUN.json and return the
-    scores entry. Hyperparameters not given take DEFAULTS."""
+) -> dict[int, dict[str, Any]]:
+    """Train `model` on the training folds of `task`, `ensemble` members per fold (all
+    stacked into one model on the device), test each fold's ensemble on its test
+    fold, merge predictions and scores into OUT_DIR/model_{preds,scores}/RUN.json and
+    return the scores entry of each fold. Hyperparameters not given take DEFAULTS."""
+    # 1. arguments, before anything is loaded or written
+    folds = [folds] if isinstance(folds, int) else list(folds)
     unknown = set(hyperparams) - set(DEFAULTS)
     if unknown:
         raise UserError(f"unknown hyperparameters: {sorted(unknown)}")
     params = {**DEFAULTS, **hyperparams}
     params["embedding_aggregations"] = tuple(params["embedding_aggregations"])
-    check_args(model, task, fold, params, wandb, checkpoint)
+    check_folds(folds, ensemble)
+    for fold in folds:
+        check_args(model, task, fold, params, wandb, checkpoint)
     run_name = run_name or default_run_name(model)
     out_dir = Path(out_dir)
     scores_path = out_dir / "model_scores" / f"{run_name}.json"
     preds_path = out_dir / "model_preds" / f"{run_name}.json"
     for path in (scores_path, preds_path):  # refuse unreadable files before training
         read_json_results(path)
-    train_df, test_df, input_col = load_fold(model, task, fold)
+
+    # 2. data: the task's rows, each member's training and validation split
+    df, input_col, fold_ids = load_task(model, task, folds)
+    task_type = TASK_INFO[task][1]
+    members, rows = split_members(df, input_col, fold_ids, ensemble, params["seed"],
+                                  params["val_fraction"])
 
     import torch
-
     from mat_bench.training import (
-        DeviceData,
+        TaskData,
         TrainConfig,
         cpu_has_fast_bf16,
         new_train_state,
         predict,
-        score,
         tokenize,
         train,
     )
@@ -205,114 +350,76 @@ def run_matbench(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no CUDA GPU: use --device cpu")
     dev = torch.device(device)
-    task_type = TASK_INFO[task][1]
-    torch.manual_seed(params["seed"])
-    rng = np.random.default_rng(params["seed"])
-
-    # rows without a Wyckoff label cannot be read by Wrenformer: train without them,
-    # predict the training mean (or majority class) for them, and count them
-    has_input = lambda df: df[input_col].notna().to_numpy()  # noqa: E731
-    train_df = train_df[has_input(train_df)]
-    test_ok = has_input(test_df)
-    n_val = int(round(params["val_fraction"] * len(train_df)))
-    perm = rng.permutation(len(train_df))
-    val_df, fit_df = train_df.iloc[perm[:n_val]], train_df.iloc[perm[n_val:]]
-
+    if cuda_graphs and (dev.type != "cuda" or model != "roostformer"):
+        raise UserError("--cuda-graphs needs --device cuda and --model roostformer: "
+                        "drop --cuda-graphs")
     t_start = time.perf_counter()
     target_dtype = np.int64 if task_type == "classification" else np.float32
-    splits = {"fit": fit_df, "val": val_df, "test": test_df[test_ok]}
-    tokens = tokenize(model, list(np.concatenate([df[input_col] for df in splits.values()])))
-    datasets, offset = {}, 0
-    for name, df in splits.items():
-        idx = np.arange(offset, offset + len(df))
-        offset += len(df)
-        datasets[name] = DeviceData(
-            tokens.subset(idx), df.target.to_numpy().astype(target_dtype), dev,
-            params["batch_size"] if name == "fit" else max(512, params["batch_size"]))
-    fit_data, val_data, test_data = datasets["fit"], datasets["val"], datasets["test"]
+    data = TaskData(tokenize(model, list(rows[input_col])),
+                    rows.target.to_numpy().astype(target_dtype), dev)
     prep_seconds = time.perf_counter() - t_start
 
+    # 3. model and optimizer state, resumed from a checkpoint if one exists
     cfg = TrainConfig(
-        task_type=task_type, epochs=params["epochs"],
+        task_type=task_type, epochs=params["epochs"], batch_size=params["batch_size"],
         learning_rate=params["learning_rate"], weight_decay=params["weight_decay"],
         warmup_frac=params["warmup_frac"], robust=params["robust"],
         amp=dev.type == "cuda" if params["amp"] is None else params["amp"],
-        seed=params["seed"],
+        cuda_graphs=cuda_graphs,
     )
     if cfg.amp and dev.type == "cpu" and not cpu_has_fast_bf16():
         print("warning: this CPU has no native bf16 (AVX-512 or ARM bf16), so --amp "
               "will train slower than fp32: drop --amp", file=sys.stderr, flush=True)
     state = new_train_state(
-        model, fit_data, cfg, frac_encoding_dims=params["frac_encoding"],
+        model, data, members, cfg, frac_encoding_dims=params["frac_encoding"],
         d_model=params["d_model"], n_attn_layers=params["n_attn_layers"],
         n_attn_heads=params["n_heads"], dropout=params["dropout"],
         embedding_aggregations=params["embedding_aggregations"],
     )
-    net, optimizer, scheduler, normalizer = (state.model, state.optimizer,
-                                             state.scheduler, state.normalizer)
-
-    ckpt_path = out_dir / "checkpoints" / run_name / f"{task}-fold_{fold}.pt"
+    torch.manual_seed(params["seed"])  # dropout
+    ckpt_path = checkpoint_path(out_dir, run_name, task, folds, ensemble)
+    ckpt_meta = {"model": model, "task": task, "params": params,
+                 "members": [(m.fold, m.seed) for m in members]}
     if checkpoint == "local" and ckpt_path.is_file():
-        saved = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        if saved["params"] != params or saved["model"] != model:
-            raise UserError(f"checkpoint {ckpt_path} was made with other "
-                            "hyperparameters: delete it or use another --run-name")
-        net.load_state_dict(saved["model_state"])
-        optimizer.load_state_dict(saved["optimizer_state"])
-        scheduler.load_state_dict(saved["scheduler_state"])
-        normalizer.load_state_dict(saved["normalizer"])
-        normalizer.mean, normalizer.std = (normalizer.mean.to(dev),
-                                           normalizer.std.to(dev))
-        state.epoch, state.train_seconds = saved["epoch"], saved["train_seconds"]
-        print(f"resuming {task} fold {fold} from epoch {state.epoch} ({ckpt_path})",
-              flush=True)
+        resume_from_checkpoint(ckpt_path, state, ckpt_meta)
+        print(f"resuming {task} {fold_tag(folds)} from epoch {state.epoch} "
+              f"({ckpt_path})", flush=True)
 
-    def save_checkpoint() -> None:
-        with atomic_path(ckpt_path) as tmp:
-            torch.save({
-                "model": model, "task": task, "fold": fold, "params": params,
-                "model_params": net.model_params,
-                "model_state": net.state_dict(),
-                "optimizer_state": optimizer.state_dict(),
-                "scheduler_state": scheduler.state_dict(),
-                "normalizer": {k: v.cpu() for k, v in normalizer.state_dict().items()},
-                "epoch": state.epoch, "train_seconds": state.train_seconds,
-            }, tmp)
-
+    # 4. bookkeeping: run parameters, W&B, SIGTERM
     slurm = {var.lower(): os.environ[var] for var in SLURM_VARS if var in os.environ}
     run_params = {
-        "model": model, "task": task, "fold": fold, "run_name": run_name, **params,
+        "model": model, "task": task, "folds": folds, "ensemble": ensemble,
+        "run_name": run_name, **params,
         "embedding_aggregations": list(params["embedding_aggregations"]),
         "device": str(dev),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-        "n_params": sum(p.numel() for p in net.parameters()),
+        "cuda_graphs": cuda_graphs, "stacked_members": len(members),
+        "n_params": sum(p.numel() for p in state.model.parameters()) // len(members),
         "hostname": socket.gethostname(), "platform": platform.platform(),
         "torch_version": torch.__version__, "git_commit": git_commit(), **slurm,
     }
     wandb_run = setup_wandb(wandb, wandb_project, wandb_entity,
-                            f"{run_name}-{task}-fold_{fold}", run_params, out_dir)
-
-    # SIGTERM (SLURM time limit, preemption): checkpoint after this epoch and exit
-    stop_requested = []
+                            f"{run_name}-{task}-{fold_tag(folds)}", run_params, out_dir)
+    stop_requested: list[bool] = []
     previous_handler = None
-    if checkpoint == "local":
+    if checkpoint == "local":  # SLURM time limit, preemption: checkpoint and exit
         previous_handler = signal.signal(
             signal.SIGTERM, lambda *_: stop_requested.append(True))
+    last_metrics: dict[str, Any] = {}
 
-    last_metrics: dict[str, float] = {}
-
-    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> bool:
+    def on_epoch_end(epoch: int, metrics: dict[str, Any]) -> bool:
         last_metrics.update(metrics)
         if wandb_run is not None:
-            wandb_run.log({"epoch": epoch, **metrics})
+            wandb_run.log({"epoch": epoch, **{k: v for k, v in metrics.items()
+                                              if not isinstance(v, list)}})
         if checkpoint == "local" and (stop_requested or epoch % 10 == 0
                                       or epoch == cfg.epochs):
-            save_checkpoint()
+            save_checkpoint(ckpt_path, state, ckpt_meta)
         return bool(stop_requested)
 
+    # 5. train
     try:
-        train(state, fit_data, val_data, cfg, on_epoch_end=on_epoch_end,
-              progress=progress)
+        train(state, data, cfg, on_epoch_end=on_epoch_end, progress=progress)
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
@@ -322,49 +429,52 @@ def run_matbench(
         raise SystemExit(f"stopped by SIGTERM after epoch {state.epoch}: checkpoint "
                          f"saved to {ckpt_path}; rerun the same command to resume")
 
-    test_preds = np.empty(len(test_df))
-    test_preds[test_ok] = predict(net, test_data, cfg, normalizer)
-    targets = test_df.target.to_numpy()
-    if not test_ok.all():
-        fallback = (fit_df.target.mean() if task_type == "regression"
-                    else float(fit_df.target.mean() >= 0.5))
-        test_preds[~test_ok] = fallback
-    test_scores = score(targets, test_preds, task_type)
-    if not np.isfinite(list(test_scores.values())).all():
-        raise RuntimeError(f"non-finite test scores {test_scores}: training diverged "
-                           "(try a lower --learning-rate)")
-    n_samples = state.epoch * len(fit_data)  # resumed runs: seconds are totals too
-    entry = {
-        **test_scores,
-        **{k: v for k, v in last_metrics.items() if k.startswith("val_")},
-        "n_train": len(fit_data), "n_val": len(val_data), "n_test": len(test_df),
-        "n_test_unlabelled": int((~test_ok).sum()),
-        "epochs": state.epoch,
-        "train_seconds": round(state.train_seconds, 2),
-        "prep_seconds": round(prep_seconds, 2),
-        "samples_per_sec": round(n_samples / max(state.train_seconds, 1e-9), 1),
-        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-        "params": run_params,
-    }
-    preds_entry: dict[str, Any] = {"mbid": list(test_df.index),
-                                   "target": targets.tolist()}
-    if task_type == "classification":
-        preds_entry["prediction"] = (test_preds >= 0.5).astype(int).tolist()
-        preds_entry["probability"] = test_preds.tolist()
-    else:
-        preds_entry["prediction"] = test_preds.tolist()
-    merge_fold_result(preds_path, task, fold, preds_entry)
-    merge_fold_result(scores_path, task, fold, entry)
-
-    if wandb_run is not None:
-        wandb_run.summary.update({f"test_{k}": v for k, v in test_scores.items()})
-        wandb_run.finish()
+    # 6. predict each fold's test set and write its results
     metric = "mae" if task_type == "regression" else "rocauc"
-    print(f"{model} {task} fold {fold}: test {metric} = {test_scores[metric]:.4g} "
-          f"({state.epoch} epochs in {state.train_seconds:.1f} s, "
-          f"{entry['samples_per_sec']:,.0f} training samples/s) -> {scores_path}",
-          flush=True)
-    return entry
+    val_members = last_metrics.get(f"val_{metric}_members")
+    position = pd.Series(np.arange(len(rows)), index=rows.index)
+    test_dfs = {fold: df.loc[test_ids] for fold, (_, test_ids) in fold_ids.items()}
+    test_ok = {fold: test_df[input_col].notna().to_numpy()
+               for fold, test_df in test_dfs.items()}
+    test_rows = {fold: position.loc[test_df.index[test_ok[fold]]].to_numpy()
+                 for fold, test_df in test_dfs.items()}
+    member_preds = predict(state, data, [test_rows[m.fold] for m in members], cfg)
+    entries = {}
+    for fold, test_df in test_dfs.items():
+        idx = [m for m, member in enumerate(members) if member.fold == fold]
+        entry, preds_entry = fold_results(
+            fold, [members[m] for m in idx], [member_preds[m] for m in idx], test_df,
+            test_ok[fold], rows,
+            task_type, None if val_members is None
+            else {k: val_members[m] for k, m in enumerate(idx)})
+        if val_members is not None:
+            entry[f"val_{metric}"] = float(np.mean([val_members[m] for m in idx]))
+        n_samples = state.epoch * sum(len(m.fit_idx) for m in members)
+        entry.update({
+            "n_train": len(members[idx[0]].fit_idx),
+            "n_val": len(members[idx[0]].val_idx), "n_test": len(test_df),
+            "n_test_unlabelled": int((~test_ok[fold]).sum()), "epochs": state.epoch,
+            "train_seconds": round(state.train_seconds, 2),  # of the stacked run
+            "prep_seconds": round(prep_seconds, 2),
+            "samples_per_sec": round(n_samples / max(state.train_seconds, 1e-9), 1),
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+            "params": run_params,
+        })
+        merge_fold_result(preds_path, task, fold, preds_entry, indent=None)
+        merge_fold_result(scores_path, task, fold, entry)
+        entries[fold] = entry
+        print(f"{model} {task} fold {fold}: test {metric} = {entry[metric]:.4g}"
+              f"{f' (ensemble of {ensemble})' if ensemble > 1 else ''}", flush=True)
+    print(f"{len(members)} members, {state.epoch} epochs in {state.train_seconds:.1f} s "
+          f"({entries[folds[0]]['samples_per_sec']:,.0f} training samples/s) -> "
+          f"{scores_path}", flush=True)
+    if wandb_run is not None:
+        wandb_run.summary.update({f"test_{k}_fold_{fold}": entry[k]
+                                  for fold, entry in entries.items()
+                                  for k in ("mae", "rmse", "r2", "rocauc",
+                                            "accuracy", "f1") if k in entry})
+        wandb_run.finish()
+    return entries
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,7 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=MODELS)
     parser.add_argument("--task", required=True, help="a Matbench v0.1 task name")
-    parser.add_argument("--fold", required=True, type=int, help="0 to 4")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--fold", type=int, help="one fold, 0 to 4")
+    which.add_argument("--folds", type=int, nargs="+",
+                       help="several folds, trained together (stacked) in one process")
+    parser.add_argument("--ensemble", type=int, default=1,
+                        help="models per fold, seeds SEED .. SEED+E-1, stacked with "
+                        "the folds; a fold's prediction is their mean (default: 1)")
     hyper = parser.add_argument_group("hyperparameters (defaults: DEFAULTS)")
     for key in ("epochs", "batch_size", "n_attn_layers", "d_model", "n_heads",
                 "seed", "frac_encoding"):
@@ -392,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pooling of the transformer output: mean std sum min max")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda "
                         "if available)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="capture the whole training step in a CUDA graph "
+                        "(Roostformer on CUDA; experimental, off by default)")
     parser.add_argument("--run-name", default=None, help="results file name (default: "
                         "model and timestamp); jobs sharing it share the files")
     parser.add_argument("--out-dir", default=ROOT,
@@ -410,7 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
-    fixed = {key: args.pop(key) for key in ("model", "task", "fold")}
+    fold, folds = args.pop("fold"), args.pop("folds")
+    fixed = {"model": args.pop("model"), "task": args.pop("task"),
+             "folds": [fold] if folds is None else folds}
     args["progress"] = not args.pop("no_progress")
     try:
         run_matbench(**fixed, **args)

@@ -14,7 +14,8 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache
 
@@ -23,13 +24,17 @@ import torch
 import torch.nn.functional as F
 from aviary import PKG_DIR
 from aviary.core import AGGREGATORS, sampled_softmax
-from aviary.data import Normalizer
-from aviary.losses import robust_l1_loss
 from aviary.wrenformer.model import Wrenformer
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 ELEM_DIM, WYCKOFF_DIM = 200, 444  # matscholar200 and bra-alg-off embedding sizes
+# attention kernels scaled_dot_product_attention may pick on CUDA (SDPBackend
+# members; None: torch's own choice). For these short sequences (a material's
+# elements) the memory-efficient kernel trains 25% faster than the cuDNN kernel
+# torch picks on an H200 (BENCHMARKS.md, v4)
+CUDA_SDPA_BACKENDS: list | None = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # --- vocabularies from aviary's embedding files -------------------------------------
@@ -159,21 +164,32 @@ def fraction_encoding(frac: Tensor, n_dims: int) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 
-def masked_mean(x: Tensor, keep: Tensor) -> Tensor:
-    """Mean over dim 1 of x where keep is True: aviary's masked mean in two kernels
+def token_features(elem_table: Tensor, wyckoff_table: Tensor | None,
+                   frac_encoding_dims: int, elem: Tensor, frac: Tensor,
+                   wyckoff: Tensor | None) -> Tensor:
+    """aviary's input features per token: [fraction, matscholar200 element embedding,
+    Wyckoff embedding (Wrenformer)], plus the optional sinusoidal fraction encoding."""
+    parts = [frac[..., None], elem_table[elem]]
+    if wyckoff is not None:
+        assert wyckoff_table is not None
+        parts.append(wyckoff_table[wyckoff])
+    if frac_encoding_dims:
+        parts.append(fraction_encoding(frac, frac_encoding_dims))
+    return torch.cat(parts, dim=-1)
+
+
+def masked_mean(x: Tensor, keep: Tensor, dim: int) -> Tensor:
+    """Mean over `dim` of x where keep is True: aviary's masked mean in two kernels
     instead of its NaN fill and nanmean."""
     keep = keep.to(torch.float32)
-    return (x.float() * keep).sum(dim=1) / keep.sum(dim=1)
+    return (x.float() * keep).sum(dim=dim) / keep.sum(dim=dim)
 
 
 class MatbenchTransformer(Wrenformer):
-    """aviary's Wrenformer (TransformerEncoder, residual trunk and heads) reading token
-    indices. Roostformer when `wyckoff` is False.
-
-    Input features per token are aviary's: [fraction, matscholar200 element
-    embedding, Wyckoff embedding (Wrenformer)], plus an optional sinusoidal encoding
-    of the fraction (`frac_encoding_dims`).
-    """
+    """One member's weights and hyperparameters: aviary's Wrenformer
+    (TransformerEncoder, residual trunk and heads) sized for token features.
+    Roostformer when `wyckoff` is False. StackedTransformer stacks members and runs
+    them; this class gives each member aviary's initialization and model_params."""
 
     def __init__(self, *, wyckoff: bool, frac_encoding_dims: int = 0,
                  **kwargs) -> None:
@@ -183,180 +199,310 @@ class MatbenchTransformer(Wrenformer):
         self.model_params.update(wyckoff=wyckoff,
                                  frac_encoding_dims=frac_encoding_dims)
         self.frac_encoding_dims = frac_encoding_dims
+
+
+def member_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Each member's linear map: x (M, ..., in), weight (M, out, in), bias (M, out)
+    -> (M, ..., out), as one batched matrix product (a plain one when M is 1)."""
+    if weight.shape[0] == 1:
+        return F.linear(x, weight.squeeze(0), None if bias is None else bias.squeeze(0))
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    wt = weight.transpose(1, 2)
+    out = torch.bmm(flat, wt) if bias is None else torch.baddbmm(bias[:, None], flat, wt)
+    return out.view(*x.shape[:-1], weight.shape[1])
+
+
+def member_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """Layer norm over the last dim with each member's affine weights."""
+    if weight.shape[0] == 1:
+        return F.layer_norm(x, x.shape[-1:], weight.squeeze(0), bias.squeeze(0), eps)
+    shape = (weight.shape[0], *[1] * (x.dim() - 2), weight.shape[-1])
+    normed = F.layer_norm(x, x.shape[-1:], eps=eps)
+    return torch.addcmul(bias.view(shape), normed, weight.view(shape))
+
+
+class StackedTransformer(nn.Module):
+    """M members (MatbenchTransformers of one shape) with their weights stacked on a
+    leading member dimension, run together: every linear map is one batched matrix
+    product over members, attention runs over members x sequences. Members share no
+    weights and no data; a member computes what aviary's Wrenformer computes with its
+    weights (tests check this). A single model is M = 1."""
+
+    def __init__(self, members: Sequence[MatbenchTransformer]) -> None:
+        super().__init__()
+        first = members[0]
+        self.model_params = dict(first.model_params)
+        self.n_members = len(members)
+        self.frac_encoding_dims = first.frac_encoding_dims
+        self.aggregations = tuple(first.embedding_aggregations)
+        layers = first.transformer_encoder.layers
+        self.n_layers, self.n_heads = len(layers), layers[0].self_attn.num_heads
+        self.dropout, self.eps = layers[0].dropout.p, layers[0].norm1.eps
+        if layers[0].activation is not F.relu or not layers[0].norm_first:
+            raise ValueError("expected aviary's pre-norm ReLU encoder layers")
+        self.trunk_res = [isinstance(r, nn.Linear) for r in first.trunk_nn.res_fcs]
+        self.head_res = [isinstance(r, nn.Linear) for r in first.output_nns[0].res_fcs]
+        self.weights = nn.ParameterDict()
+        per_member = [dict(m.named_parameters()) for m in members]
+        for name in per_member[0]:
+            stacked = torch.stack([params[name].detach() for params in per_member])
+            self.weights[name.replace(".", "__")] = nn.Parameter(stacked)
         # fixed embedding tables come from aviary's package, not from checkpoints
         self.register_buffer("elem_table", element_vocab()[1], persistent=False)
-        if wyckoff:
-            self.register_buffer("wyckoff_table", wyckoff_vocab()[1],
-                                 persistent=False)
+        self.register_buffer("wyckoff_table", wyckoff_vocab()[1]
+                             if self.model_params["wyckoff"] else None, persistent=False)
+
+    def member_state_dict(self, idx: int) -> dict[str, Tensor]:
+        """Member idx's weights as a MatbenchTransformer state dict."""
+        return {name.replace("__", "."): param[idx].detach()
+                for name, param in self.weights.items()}
 
     def forward(  # type: ignore[override]
         self, elem: Tensor, frac: Tensor, wyckoff: Tensor | None, seq_mask: Tensor,
         seq_owner: Tensor | None = None, mask: Tensor | None = None,
-    ) -> tuple[Tensor, ...]:
-        """Predict from padded token sequences.
+    ) -> Tensor:
+        """Each member's outputs (M, B, n_outputs) from padded token sequences.
 
         Args:
-            elem, frac, wyckoff: (S, L) element rows, fractions, Wyckoff rows.
-            seq_mask: (S, L) True at padding.
-            seq_owner: (S,) index of each sequence's material in the batch (Wrenformer:
-                the embeddings of a material's equivalent sequences are averaged;
-                index B marks filler sequences, which are ignored).
-            mask: (B, L) True at padding, per material (Wrenformer).
+            elem, frac, wyckoff: (M, S, L) element rows, fractions, Wyckoff rows.
+            seq_mask: (M, S, L) True at padding.
+            seq_owner: (M, S) position of each sequence's material in its member's
+                batch (Wrenformer: the embeddings of a material's equivalent
+                sequences are averaged; position B marks filler sequences, dropped).
+            mask: (M, B, L) True at padding, per material (Wrenformer).
         """
-        dtype = self.resize_embedding.weight.dtype  # bf16 in a Bf16Copy
-        parts = [frac[..., None], self.elem_table[elem]]
-        if wyckoff is not None:
-            parts.append(self.wyckoff_table[wyckoff])
-        if self.frac_encoding_dims:
-            parts.append(fraction_encoding(frac, self.frac_encoding_dims))
-        features = self.resize_embedding(torch.cat(parts, dim=-1).to(dtype))
-        embeddings = self.encode(features, seq_mask)
+        w = {name.replace("__", "."): param for name, param in self.weights.items()}
+        dtype = w["resize_embedding.weight"].dtype  # bf16 in a Bf16Copy
+        features = token_features(self.elem_table, self.wyckoff_table,
+                                  self.frac_encoding_dims, elem, frac, wyckoff)
+        x = member_linear(features.to(dtype), w["resize_embedding.weight"],
+                          w["resize_embedding.bias"])
+        x = self.encode(x, seq_mask, w)
 
+        n_members, n_seq, length, d_model = x.shape
         if seq_owner is not None:  # mean over each material's equivalent Wyckoff sets
-            assert mask is not None  # owner n_mat: filler sequences, dropped here
-            n_mat = mask.shape[0]
-            summed = embeddings.new_zeros((n_mat + 1, *embeddings.shape[1:]))
-            summed.index_add_(0, seq_owner, embeddings)
-            counts = embeddings.new_zeros(n_mat + 1).index_add_(
-                0, seq_owner, torch.ones_like(seq_owner, dtype=embeddings.dtype))
-            embeddings = summed[:n_mat] / counts[:n_mat, None, None]
+            assert mask is not None
+            n_mat = mask.shape[1]
+            slot = (seq_owner + (n_mat + 1) * torch.arange(
+                n_members, device=x.device)[:, None]).flatten()
+            flat = x.reshape(n_members * n_seq, length, d_model)
+            summed = flat.new_zeros((n_members * (n_mat + 1), length, d_model))
+            summed.index_add_(0, slot, flat)
+            counts = flat.new_zeros(n_members * (n_mat + 1)).index_add_(
+                0, slot, torch.ones_like(slot, dtype=flat.dtype))
+            x = (summed / counts.clamp(min=1)[:, None, None]).view(
+                n_members, n_mat + 1, length, d_model)[:, :n_mat]
         else:
             mask = seq_mask
 
-        inv_mask = ~mask[..., None]
-        pooled = torch.cat([masked_mean(embeddings, inv_mask) if key == "mean"
-                            else AGGREGATORS[key](embeddings, inv_mask, 1)
-                            for key in self.embedding_aggregations], dim=1)
-        hidden = F.relu(self.trunk_nn(pooled.to(dtype)))
-        return tuple(head(hidden) for head in self.output_nns)
+        keep = ~mask[..., None]
+        pooled = torch.cat([
+            masked_mean(x, keep, 2) if key == "mean"
+            else AGGREGATORS[key](x.flatten(0, 1), keep.flatten(0, 1), 1).view(
+                *x.shape[:2], -1)
+            for key in self.aggregations], dim=-1)
+        hidden = F.relu(self.residual(pooled.to(dtype), w, "trunk_nn", self.trunk_res))
+        return self.residual(hidden, w, "output_nns.0", self.head_res)
 
-    def encode(self, x: Tensor, pad: Tensor) -> Tensor:
-        """aviary's transformer encoder (pre-norm nn.TransformerEncoderLayers) on x
-        (S, L, d_model), pad (S, L) True at padding: the layers' own parameters and
-        math in fewer ops than nn.MultiheadAttention's general path (a test checks
-        they agree). In bf16 on a CPU the attention core runs in fp32, which is
-        faster there at these sizes."""
-        n_seq, length, _ = x.shape
-        attend = ~pad[:, None, None, :]
+    @staticmethod
+    def residual(x: Tensor, w: dict[str, Tensor], prefix: str, res: list[bool]
+                 ) -> Tensor:
+        """aviary's ResidualNetwork: x = relu(fc(x)) + res_fc(x) per layer, then fc_out."""
+        for idx, has_res_fc in enumerate(res):
+            hidden = F.relu(member_linear(x, w[f"{prefix}.fcs.{idx}.weight"],
+                                          w[f"{prefix}.fcs.{idx}.bias"]))
+            x = hidden + (member_linear(x, w[f"{prefix}.res_fcs.{idx}.weight"])
+                          if has_res_fc else x)
+        return member_linear(x, w[f"{prefix}.fc_out.weight"], w[f"{prefix}.fc_out.bias"])
+
+    def encode(self, x: Tensor, pad: Tensor, w: dict[str, Tensor]) -> Tensor:
+        """aviary's transformer encoder (pre-norm nn.TransformerEncoderLayers, ReLU)
+        on x (M, S, L, d_model), pad (M, S, L) True at padding, each member with its
+        own weights. In bf16 on a CPU the attention core runs in fp32, which is faster
+        there at these sizes."""
+        n_members, n_seq, length, _ = x.shape
+        attend = ~pad.reshape(n_members * n_seq, 1, 1, length)
         fp32_attention = x.device.type == "cpu" and (
             torch.is_autocast_enabled("cpu") or x.dtype == torch.bfloat16)
-        for layer in self.transformer_encoder.layers:
-            attn = layer.self_attn
-            p_drop = layer.dropout.p if self.training else 0.0  # skip no-op calls
-            qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
+        p_drop = self.dropout if self.training else 0.0  # skip no-op calls
+        cuda_backends = x.device.type == "cuda" and CUDA_SDPA_BACKENDS
+        for idx in range(self.n_layers):
+            layer = f"transformer_encoder.layers.{idx}."
+            qkv = member_linear(
+                member_layer_norm(x, w[layer + "norm1.weight"], w[layer + "norm1.bias"],
+                                  self.eps),
+                w[layer + "self_attn.in_proj_weight"], w[layer + "self_attn.in_proj_bias"])
             if fp32_attention:
                 qkv = qkv.float()
-            q, k, v = qkv.view(n_seq, length, 3, attn.num_heads, -1).permute(
+            q, k, v = qkv.view(n_members * n_seq, length, 3, self.n_heads, -1).permute(
                 2, 0, 3, 1, 4)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attend,
-                dropout_p=attn.dropout if self.training else 0.0)
-            out = attn.out_proj(out.transpose(1, 2).reshape(x.shape).to(x.dtype))
-            x = x + (layer.dropout1(out) if p_drop else out)
-            hidden = layer.activation(layer.linear1(layer.norm2(x)))
+            with (sdpa_kernel(CUDA_SDPA_BACKENDS) if cuda_backends else nullcontext()):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend,
+                                                     dropout_p=p_drop)
+            out = member_linear(out.transpose(1, 2).reshape(x.shape).to(x.dtype),
+                                w[layer + "self_attn.out_proj.weight"],
+                                w[layer + "self_attn.out_proj.bias"])
+            x = x + (F.dropout(out, p_drop) if p_drop else out)
+            hidden = F.relu(member_linear(
+                member_layer_norm(x, w[layer + "norm2.weight"], w[layer + "norm2.bias"],
+                                  self.eps),
+                w[layer + "linear1.weight"], w[layer + "linear1.bias"]))
             if p_drop:
-                hidden = layer.dropout(hidden)
-            out = layer.linear2(hidden)
-            x = x + (layer.dropout2(out) if p_drop else out)
+                hidden = F.dropout(hidden, p_drop)
+            out = member_linear(hidden, w[layer + "linear2.weight"],
+                                w[layer + "linear2.bias"])
+            x = x + (F.dropout(out, p_drop) if p_drop else out)
         return x
 
 
-# --- device-resident batching -------------------------------------------------------
-Batch = tuple[tuple, Tensor, Tensor]  # (model inputs, targets, material indices)
-SEQ_MULTIPLE = 8  # Wrenformer batches hold a multiple of this many sequences
+# --- device-resident data and the members' batches ---------------------------------
+SEQ_MULTIPLE = 8  # Wrenformer steps hold a multiple of this many sequences per member
 
 
-class DeviceData:
-    """A data split's tokens and targets on the device, served in length-bucketed
-    batches: per epoch, a few numpy ops and one host-to-device copy of the order;
-    per batch, one gather on the device and no synchronization."""
+@dataclass
+class Member:
+    """One model of a stacked run: a (fold, seed) pair with its own training and
+    validation materials (row indices into the task's TaskData)."""
 
-    def __init__(self, tokens: Tokens, targets: np.ndarray, device: torch.device,
-                 batch_size: int, bucket_batches: int = 16) -> None:
-        self.tokens, self.batch_size, self.device = tokens, batch_size, device
-        self.bucket_batches = bucket_batches
-        as_dev = (lambda arr: None if arr is None
-                  else torch.as_tensor(arr, device=device))
-        self.elem, self.frac = as_dev(tokens.elem), as_dev(tokens.frac)
-        self.wyckoff = as_dev(tokens.wyckoff)
-        self.targets = torch.as_tensor(targets, device=device)
-        self.n_seq = np.diff(tokens.seq_start)
-        self.is_wren = tokens.wyckoff is not None
-        if self.is_wren:  # a filler sequence (one hydrogen token) pads batches to
-            # SEQ_MULTIPLE sequences, so batch shapes repeat across epochs
-            self.filler = len(tokens.elem)
-            filler = torch.zeros_like(self.elem[:1])
-            filler[0, 0] = 1
-            self.elem = torch.cat([self.elem, filler])
-            self.frac = torch.cat([self.frac, torch.zeros_like(self.frac[:1])])
-            self.wyckoff = torch.cat([self.wyckoff, torch.zeros_like(self.wyckoff[:1])])
-        # each material's first sequence: its padding mask is the material's
-        self.first_seq = torch.as_tensor(tokens.seq_start[:-1], device=device)
+    fold: int
+    seed: int
+    fit_idx: np.ndarray
+    val_idx: np.ndarray
+
+
+@dataclass
+class Plan:
+    """One pass over each member's materials: step s gives member m the materials
+    mat[s, m] (`TaskData.pad` where a member's batch is short; weight 0 there)."""
+
+    mat: Tensor  # (steps, M, B) long, on the device
+    weight: Tensor  # (steps, M, B) float32, 1 for real materials
+    width: list[int]  # longest material of each step
+    seq: Tensor | None = None  # Wrenformer: (M, sum of steps' S) sequence rows
+    owner: Tensor | None = None  # (M, sum of S) batch position owning each sequence
+    seq_bounds: np.ndarray | None = None  # (steps + 1,) step offsets into seq/owner
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.width)
 
-    def n_batches(self) -> int:
-        return math.ceil(len(self) / self.batch_size)
 
-    def epoch_batches(self, rng: np.random.Generator | None) -> list[np.ndarray]:
-        """Material indices of each batch of one epoch: random buckets of
-        `bucket_batches` batches, each sorted by length (little padding), batches in
-        random order. Without an rng: sorted by length, for evaluation."""
-        length = self.tokens.length
+class TaskData:
+    """A task's tokens and targets on the device, and the members' batches drawn
+    from them: per epoch a few numpy ops and one host-to-device copy of the plan; per
+    step one gather on the device and no synchronization. Row `pad` (one hydrogen
+    token, target 0) fills short batches; its loss weight is 0."""
+
+    def __init__(self, tokens: Tokens, targets: np.ndarray, device: torch.device
+                 ) -> None:
+        self.device, self.pad = device, len(tokens)
+        self.is_wren = tokens.wyckoff is not None
+        self.length = np.append(tokens.length, 1)
+        self.n_seq = np.append(np.diff(tokens.seq_start), 1)
+        self.seq_start = np.append(tokens.seq_start, tokens.seq_start[-1] + 1)
+        self.filler = len(tokens.elem)  # the pad row's sequence: Wrenformer filler too
+
+        def add_row(arr: np.ndarray | None, first: float) -> Tensor | None:
+            if arr is None:
+                return None
+            row = np.zeros((1, arr.shape[1]), arr.dtype)
+            row[0, 0] = first
+            return torch.as_tensor(np.concatenate([arr, row]), device=device)
+
+        self.elem, self.frac = add_row(tokens.elem, 1), add_row(tokens.frac, 1.0)
+        self.wyckoff = add_row(tokens.wyckoff, 0)
+        self.targets = torch.as_tensor(np.append(targets, np.zeros(1, targets.dtype)),
+                                       device=device)
+        self.first_seq = torch.as_tensor(self.seq_start[:-1], device=device)
+        self.max_len = int(self.length.max())
+
+    def __len__(self) -> int:
+        return self.pad
+
+    def member_batches(self, idx: np.ndarray, batch_size: int,
+                       rng: np.random.Generator | None, bucket_batches: int = 16
+                       ) -> list[np.ndarray]:
+        """Batches of materials idx: random buckets of `bucket_batches` batches, each
+        sorted by length (little padding), batches in random order. Without an rng:
+        sorted by length, for evaluation."""
+        length = self.length[idx]
         if rng is None:
-            order = np.argsort(length, kind="stable")
+            order = idx[np.argsort(length, kind="stable")]
         else:
-            order = rng.permutation(len(self))
-            bucket = self.batch_size * self.bucket_batches
-            for start in range(0, len(order), bucket):
-                chunk = order[start: start + bucket]
-                order[start: start + bucket] = chunk[np.argsort(length[chunk],
-                                                                kind="stable")]
-        batches = [order[i: i + self.batch_size]
-                   for i in range(0, len(order), self.batch_size)]
+            perm = rng.permutation(len(idx))
+            bucket = batch_size * bucket_batches
+            for start in range(0, len(perm), bucket):
+                chunk = perm[start: start + bucket]
+                perm[start: start + bucket] = chunk[np.argsort(length[chunk],
+                                                               kind="stable")]
+            order = idx[perm]
+        batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
         if rng is not None:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
 
-    def batches(self, rng: np.random.Generator | None = None) -> Iterator[Batch]:
-        """Yield (inputs, targets, material indices) batches covering every material
-        once."""
-        batches = self.epoch_batches(rng)
-        if not batches:
-            return
-        order = np.concatenate(batches)
-        bounds = np.concatenate([[0], np.cumsum([len(b) for b in batches])])
-        max_len = [int(self.tokens.length[b].max()) for b in batches]
-        mat_order = torch.as_tensor(order, device=self.device)
-        if self.is_wren:  # each batch's sequences, then fillers (owned by no material)
-            seq_parts, owner_parts = [], []
-            for batch in batches:
-                counts = self.n_seq[batch]
-                n_fill = -counts.sum() % SEQ_MULTIPLE
-                seq_parts.append(np.concatenate([
-                    expand_ranges(self.tokens.seq_start[batch], counts),
-                    np.full(n_fill, self.filler)]))
-                owner_parts.append(np.concatenate([
-                    np.repeat(np.arange(len(batch)), counts),
-                    np.full(n_fill, len(batch))]))
-            seq_bounds = np.cumsum([0] + [len(part) for part in seq_parts])
-            seq_order = torch.as_tensor(np.concatenate(seq_parts), device=self.device)
-            owner = torch.as_tensor(np.concatenate(owner_parts), device=self.device)
-        for b, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            width = max_len[b]
-            mat_idx = mat_order[start:stop]
-            if self.is_wren:
-                seq_idx = seq_order[seq_bounds[b]: seq_bounds[b + 1]]
-                elem = self.elem[seq_idx, :width]
-                inputs = (elem, self.frac[seq_idx, :width],
-                          self.wyckoff[seq_idx, :width], elem == 0,
-                          owner[seq_bounds[b]: seq_bounds[b + 1]],
-                          self.elem[self.first_seq[mat_idx], :width] == 0)
-            else:
-                elem = self.elem[mat_idx, :width]
-                inputs = (elem, self.frac[mat_idx, :width], None, elem == 0)
-            yield inputs, self.targets[mat_idx], mat_idx
+    def plan(self, member_idx: Sequence[np.ndarray], batch_size: int,
+             rngs: Sequence[np.random.Generator] | None = None,
+             bucket_batches: int = 16) -> Plan:
+        """Every member's materials once, in steps of at most batch_size each
+        (shuffled with each member's rng; sorted by length without rngs)."""
+        per_member = [self.member_batches(idx, batch_size, None if rngs is None
+                                          else rngs[m], bucket_batches)
+                      for m, idx in enumerate(member_idx)]
+        n_steps = max(map(len, per_member))
+        mat = np.full((n_steps, len(per_member), batch_size), self.pad, np.int64)
+        for m, batches in enumerate(per_member):
+            for step, batch in enumerate(batches):
+                mat[step, m, : len(batch)] = batch
+        real = mat != self.pad
+        width = self.length[mat].max(axis=(1, 2)).tolist()
+        plan = Plan(torch.as_tensor(mat, device=self.device),
+                    torch.as_tensor(real, dtype=torch.float32, device=self.device),
+                    width)
+        if self.is_wren:  # each step's sequences per member, then filler sequences
+            seq_rows, owner_rows, bounds = [], [], [0]
+            for step in range(n_steps):
+                seqs, owners = [], []
+                for m in range(len(per_member)):
+                    batch = mat[step, m][real[step, m]]
+                    counts = self.n_seq[batch]
+                    seqs.append(expand_ranges(self.seq_start[batch], counts))
+                    owners.append(np.repeat(np.arange(len(batch)), counts))
+                n_seq = max(map(len, seqs))
+                n_seq += -n_seq % SEQ_MULTIPLE
+                for m, (seq, owner) in enumerate(zip(seqs, owners, strict=True)):
+                    fill = n_seq - len(seq)
+                    seqs[m] = np.concatenate([seq, np.full(fill, self.filler)])
+                    owners[m] = np.concatenate([owner, np.full(fill, batch_size)])
+                seq_rows.append(np.stack(seqs))
+                owner_rows.append(np.stack(owners))
+                bounds.append(bounds[-1] + n_seq)
+            plan.seq = torch.as_tensor(np.concatenate(seq_rows, axis=1),
+                                       device=self.device)
+            plan.owner = torch.as_tensor(np.concatenate(owner_rows, axis=1),
+                                         device=self.device)
+            plan.seq_bounds = np.array(bounds)
+        return plan
+
+    def inputs(self, mat: Tensor, width: int, seq: Tensor | None = None,
+               owner: Tensor | None = None) -> tuple:
+        """The model's inputs for materials mat (M, B), `width` tokens wide."""
+        if not self.is_wren:
+            elem = self.elem[:, :width][mat]
+            return elem, self.frac[:, :width][mat], None, elem == 0
+        assert seq is not None and self.wyckoff is not None
+        elem = self.elem[:, :width][seq]
+        return (elem, self.frac[:, :width][seq], self.wyckoff[:, :width][seq],
+                elem == 0, owner, self.elem[:, :width][self.first_seq[mat]] == 0)
+
+    def step(self, plan: Plan, step: int) -> tuple[tuple, Tensor, Tensor, Tensor]:
+        """(inputs, targets, loss weights, material rows) of one step of a plan."""
+        mat = plan.mat[step]
+        seq = owner = None
+        if plan.seq_bounds is not None:
+            lo, hi = plan.seq_bounds[step], plan.seq_bounds[step + 1]
+            seq, owner = plan.seq[:, lo:hi], plan.owner[:, lo:hi]
+        return (self.inputs(mat, plan.width[step], seq, owner), self.targets[mat],
+                plan.weight[step], mat)
 
 
 # --- training -----------------------------------------------------------------------
@@ -366,24 +512,32 @@ class TrainConfig:
 
     task_type: str  # "regression" or "classification"
     epochs: int
-    learning_rate: float = 3e-4
+    batch_size: int = 128  # per member
+    learning_rate: float = 1e-3
     weight_decay: float = 1e-2
     warmup_frac: float = 0.05
     robust: bool = False
-    amp: bool = False  # bf16 compute, fp32 weights and optimizer (autocast on CUDA)
-    seed: int = 0
+    amp: bool = False  # bf16 compute, fp32 weights and optimizer
+    cuda_graphs: bool = False  # capture the whole training step (CUDA, Roostformer)
 
 
-def make_optimizer(params: Sequence[Tensor], cfg: TrainConfig, steps: int
+def make_optimizer(params: Sequence[Tensor], cfg: TrainConfig, steps: int,
+                   device: torch.device
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (fused where the device supports it) with linear warm-up and cosine
-    decay over `steps` optimizer steps."""
-    try:
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate,
-                                      weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate,
-                                      weight_decay=cfg.weight_decay)
+    """AdamW (fused where the device supports it; capturable, with the learning rate
+    in a device tensor, for CUDA graphs) with linear warm-up and cosine decay over
+    `steps` optimizer steps."""
+    kwargs: dict = {"weight_decay": cfg.weight_decay}
+    if cfg.cuda_graphs:
+        optimizer = torch.optim.AdamW(
+            params, lr=torch.tensor(cfg.learning_rate, device=device), fused=True,
+            capturable=True, **kwargs)
+    else:
+        try:
+            optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=True,
+                                          **kwargs)
+        except (RuntimeError, TypeError):
+            optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, **kwargs)
     warmup = max(1, int(cfg.warmup_frac * steps))
 
     def lr_factor(step: int) -> float:
@@ -441,44 +595,40 @@ class Bf16Copy:
         self.weights.copy_(self.master)
 
 
-def compute_loss(output: Tensor, targets: Tensor, cfg: TrainConfig,
-                 normalizer: Normalizer) -> Tensor:
-    """L1 on normalized targets (regression) or cross-entropy (classification);
-    aviary's robust variants with --robust."""
+def member_losses(output: Tensor, targets: Tensor, weight: Tensor, cfg: TrainConfig,
+                  norm_mean: Tensor, norm_std: Tensor) -> Tensor:
+    """Each member's mean loss (M,) over its real materials (weight 1): L1 on
+    targets normalized by the member's training targets (regression) or
+    cross-entropy (classification); aviary's robust variants with --robust."""
     output = output.float()
     if cfg.task_type == "regression":
-        normed = (targets - normalizer.mean) / normalizer.std
+        normed = (targets - norm_mean[:, None]) / norm_std[:, None]
+        if cfg.robust:  # aviary.losses.robust_l1_loss, per material
+            pred, log_std = output.unbind(dim=-1)
+            per = 2**0.5 * (pred - normed).abs() * torch.exp(-log_std) + log_std
+        else:
+            per = (output[..., 0] - normed).abs()
+    else:
         if cfg.robust:
-            pred, log_std = output.unbind(dim=1)
-            return robust_l1_loss(pred, log_std, normed)
-        return F.l1_loss(output.squeeze(1), normed)
-    if cfg.robust:
-        pre_logits, log_std = output.chunk(2, dim=1)
-        return F.nll_loss(torch.log(sampled_softmax(pre_logits, log_std)), targets)
-    return F.cross_entropy(output, targets)
+            pre_logits, log_std = output.chunk(2, dim=-1)
+            log_probs = torch.log(sampled_softmax(pre_logits.flatten(0, 1),
+                                                  log_std.flatten(0, 1)))
+            per = F.nll_loss(log_probs, targets.flatten(), reduction="none")
+        else:
+            per = F.cross_entropy(output.flatten(0, 1), targets.flatten(),
+                                  reduction="none")
+        per = per.view(weight.shape)
+    return (per * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
 
 
-def output_to_prediction(output: Tensor, cfg: TrainConfig,
-                         normalizer: Normalizer) -> Tensor:
-    """De-normalized predictions (regression) or class-1 probabilities."""
+def output_to_prediction(output: Tensor, cfg: TrainConfig, norm_mean: Tensor,
+                         norm_std: Tensor) -> Tensor:
+    """De-normalized predictions (regression) or class-1 probabilities, (M, B)."""
     output = output.float()
     if cfg.task_type == "regression":
-        return output[:, 0] * normalizer.std + normalizer.mean
-    logits = output[:, : output.shape[1] // 2] if cfg.robust else output
-    return logits.softmax(dim=1)[:, 1]
-
-
-@torch.no_grad()
-def predict(model: nn.Module, data: DeviceData, cfg: TrainConfig,
-            normalizer: Normalizer) -> np.ndarray:
-    """Predictions for every material of `data`, in its original order."""
-    model.eval()
-    preds = torch.empty(len(data), device=data.device)
-    for inputs, _, mat_idx in data.batches():
-        with autocast(data.device, cfg.amp):
-            output = model(*inputs)[0]
-        preds[mat_idx] = output_to_prediction(output, cfg, normalizer)
-    return preds.cpu().numpy()
+        return output[..., 0] * norm_std[:, None] + norm_mean[:, None]
+    logits = output[..., : output.shape[-1] // 2] if cfg.robust else output
+    return logits.softmax(dim=-1)[..., 1]
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -490,14 +640,18 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+def autocast(device: torch.device, enabled: bool, cache: bool = True
+             ) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                          enabled=enabled)
+                          enabled=enabled, cache_enabled=cache)
+
+
+CLASS_THRESHOLD = 0.5  # class-1 probability at or above which the label is 1
 
 
 def score(targets: np.ndarray, preds: np.ndarray, task_type: str) -> dict[str, float]:
     """Matbench's metrics: MAE, RMSE, R^2 (regression) or ROC-AUC, accuracy, F1 from
-    the class-1 probability at 0.5 (classification)."""
+    the class-1 probability at CLASS_THRESHOLD (classification)."""
     from sklearn.metrics import accuracy_score, f1_score, r2_score, roc_auc_score
 
     if task_type == "regression":
@@ -505,7 +659,7 @@ def score(targets: np.ndarray, preds: np.ndarray, task_type: str) -> dict[str, f
         return {"mae": float(np.abs(err).mean()),
                 "rmse": float(np.sqrt((err**2).mean())),
                 "r2": float(r2_score(targets, preds))}
-    labels = preds >= 0.5
+    labels = preds >= CLASS_THRESHOLD
     return {"rocauc": float(roc_auc_score(targets, preds)),
             "accuracy": float(accuracy_score(targets, labels)),
             "f1": float(f1_score(targets, labels))}
@@ -515,83 +669,224 @@ def score(targets: np.ndarray, preds: np.ndarray, task_type: str) -> dict[str, f
 class TrainState:
     """Everything a resumed run needs besides the data."""
 
-    model: MatbenchTransformer
+    model: StackedTransformer
+    members: list[Member]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    normalizer: Normalizer
+    norm_mean: Tensor  # (M,) each member's training-target mean (0 for classes)
+    norm_std: Tensor  # (M,) and standard deviation (1 for classes)
     epoch: int = 0  # epochs completed
     train_seconds: float = 0.0
     bf16: Bf16Copy | None = None  # bf16 compute copy (amp on a CPU)
+    graph: GraphedStep | None = None  # the captured step (cuda_graphs)
 
 
-def new_train_state(model: str, data: DeviceData, cfg: TrainConfig, *,
-                    frac_encoding_dims: int = 0, **model_kwargs) -> TrainState:
-    """A fresh model on data's device, the normalizer fitted on data's targets
-    (regression; identity for classification) and AdamW with its schedule over
-    cfg.epochs epochs of data. With cfg.amp on a CPU, training runs on a Bf16Copy
-    (the optimizer updates its flat fp32 master); on CUDA, under autocast.
-    model_kwargs go to aviary's Wrenformer (d_model, n_attn_layers, n_attn_heads,
-    dropout, embedding_aggregations, ...)."""
-    normalizer = Normalizer()
-    if cfg.task_type == "regression":
-        normalizer.fit(data.targets.double())
-    normalizer.mean = normalizer.mean.float().to(data.device)
-    normalizer.std = normalizer.std.float().to(data.device)
-    net = MatbenchTransformer(
-        wyckoff=model == "wrenformer", frac_encoding_dims=frac_encoding_dims,
-        task_dict={"target": cfg.task_type}, robust=cfg.robust,
-        n_targets=[1 if cfg.task_type == "regression" else 2],
-        device=str(data.device), **model_kwargs,
-    ).to(data.device)
+def steps_per_epoch(members: Sequence[Member], batch_size: int) -> int:
+    return max(math.ceil(len(m.fit_idx) / batch_size) for m in members)
+
+
+def new_train_state(model: str, data: TaskData, members: Sequence[Member],
+                    cfg: TrainConfig, *, frac_encoding_dims: int = 0,
+                    **model_kwargs) -> TrainState:
+    """Fresh members (each initialized by aviary under its own seed) stacked on
+    data's device, each member's normalizer fitted on its training targets
+    (regression), and one AdamW with its schedule over cfg.epochs epochs. With
+    cfg.amp on a CPU, training runs on a Bf16Copy (the optimizer updates its flat fp32
+    master); on CUDA, under autocast. model_kwargs go to aviary's Wrenformer (d_model,
+    n_attn_layers, n_attn_heads, dropout, embedding_aggregations, ...)."""
+    if cfg.cuda_graphs and data.is_wren:
+        raise ValueError("CUDA graphs take Roostformer only (Wrenformer's steps vary "
+                         "in their number of sequences)")
+    nets = []
+    for member in members:
+        torch.manual_seed(member.seed)
+        nets.append(MatbenchTransformer(
+            wyckoff=model == "wrenformer", frac_encoding_dims=frac_encoding_dims,
+            task_dict={"target": cfg.task_type}, robust=cfg.robust,
+            n_targets=[1 if cfg.task_type == "regression" else 2], **model_kwargs))
+    net = StackedTransformer(nets).to(data.device)
+    means, stds = [], []
+    for member in members:
+        targets = data.targets[torch.as_tensor(member.fit_idx, device=data.device)]
+        if cfg.task_type == "regression":  # as aviary's Normalizer fits
+            means.append(targets.double().mean())
+            stds.append(targets.double().std())
+        else:
+            means.append(torch.zeros((), device=data.device))
+            stds.append(torch.ones((), device=data.device))
     bf16 = Bf16Copy(net) if cfg.amp and data.device.type == "cpu" else None
     optimizer, scheduler = make_optimizer(
         [bf16.master] if bf16 else list(net.parameters()), cfg,
-        cfg.epochs * data.n_batches())
-    return TrainState(net, optimizer, scheduler, normalizer, bf16=bf16)
+        cfg.epochs * steps_per_epoch(members, cfg.batch_size), data.device)
+    return TrainState(net, list(members), optimizer, scheduler,
+                      torch.stack(means).float(), torch.stack(stds).float(), bf16=bf16)
 
 
-def train(state: TrainState, train_data: DeviceData, val_data: DeviceData | None,
-          cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], bool] | None = None,
+@torch.no_grad()
+def predict(state: TrainState, data: TaskData, member_idx: Sequence[np.ndarray],
+            cfg: TrainConfig, batch_size: int = 512) -> list[np.ndarray]:
+    """Each member's predictions for its materials member_idx[m], in that order."""
+    model = state.model
+    model.eval()
+    plan = data.plan(member_idx, batch_size)
+    preds = torch.zeros(len(member_idx), len(data) + 1, device=data.device)
+    for step in range(len(plan)):
+        inputs, _, _, mat = data.step(plan, step)
+        with autocast(data.device, cfg.amp):
+            output = model(*inputs)
+        preds.scatter_(1, mat, output_to_prediction(output, cfg, state.norm_mean,
+                                                    state.norm_std))
+    preds = preds.cpu().numpy()
+    return [preds[m, idx] for m, idx in enumerate(member_idx)]
+
+
+class GraphedStep:
+    """The whole training step of a stacked model (the batch gather, forward, loss,
+    backward, AdamW and learning-rate update) captured in one CUDA graph over fixed
+    shapes: every step takes cfg.batch_size rows per member (short batches padded
+    with TaskData.pad at loss weight 0) at the task's longest material. An epoch
+    copies its plan into static buffers, then replays the graph once per step: no
+    host work, no synchronization. The first steps run eagerly (as real steps) to
+    warm up the kernels and the optimizer's state before the capture."""
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, state: TrainState, data: TaskData, cfg: TrainConfig,
+                 n_steps: int) -> None:
+        self.state, self.data, self.cfg = state, data, cfg
+        dev, n_members = data.device, len(state.members)
+        self.mat = torch.full((n_steps, n_members, cfg.batch_size), data.pad,
+                              dtype=torch.long, device=dev)
+        self.weight = torch.zeros(n_steps, n_members, cfg.batch_size, device=dev)
+        self.step = torch.zeros(1, dtype=torch.long, device=dev)  # within the epoch
+        group = state.optimizer.param_groups[0]
+        if not isinstance(group["lr"], Tensor):  # e.g. loaded from an eager run
+            group["lr"] = torch.tensor(float(group["lr"]), device=dev)
+        self.lr = group["lr"]
+        scheduler = state.scheduler
+        total = cfg.epochs * n_steps
+        self.lr_schedule = torch.tensor(
+            [float(scheduler.base_lrs[0]) * scheduler.lr_lambdas[0](s)
+             for s in range(total + 1)], device=dev)
+        self.global_step = torch.tensor([scheduler.last_epoch], device=dev)
+        self.loss_sum = torch.zeros(n_members, device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.replay: Callable[[], None] | None = None
+        self.eager_steps = 0
+
+    def body(self) -> None:
+        state, data, cfg = self.state, self.data, self.cfg
+        mat = self.mat.index_select(0, self.step).squeeze(0)
+        weight = self.weight.index_select(0, self.step).squeeze(0)
+        with autocast(data.device, cfg.amp, cache=False):
+            output = state.model(*data.inputs(mat, data.max_len))
+        losses = member_losses(output, data.targets[mat], weight, cfg, state.norm_mean,
+                               state.norm_std)
+        losses.sum().backward()
+        self.lr.copy_(self.lr_schedule.index_select(0, self.global_step).squeeze(0))
+        state.optimizer.step()
+        self.loss_sum += losses.detach()
+        self.step += 1
+        self.global_step += 1
+
+    def warmup_step(self) -> None:
+        """One eager step on a side stream, as CUDA graph capture wants."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.state.optimizer.zero_grad(set_to_none=True)
+            self.body()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def capture(self) -> Callable[[], None]:
+        """Capture one step in a CUDA graph (nothing runs); returns its replay. The
+        gradients, allocated in the capture, are overwritten by each replay."""
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.body()
+        return self.graph.replay
+
+    def run_epoch(self, plan: Plan) -> Tensor:
+        """Train one epoch of `plan`; returns the members' summed step losses."""
+        n_steps = len(plan)
+        if n_steps > len(self.mat):
+            raise ValueError("an epoch has more steps than the graph's buffers")
+        self.mat[:n_steps].copy_(plan.mat)
+        self.weight[:n_steps].copy_(plan.weight)
+        self.step.zero_()
+        self.loss_sum.zero_()
+        for _ in range(n_steps):
+            if self.replay is not None:
+                self.replay()
+            elif self.eager_steps < self.WARMUP_STEPS:
+                self.warmup_step()
+                self.eager_steps += 1
+            else:
+                self.state.optimizer.zero_grad(set_to_none=True)
+                self.replay = self.capture()
+                self.replay()
+        self.state.scheduler.last_epoch += n_steps  # (the graph set the lr itself)
+        return self.loss_sum
+
+
+def train(state: TrainState, data: TaskData, cfg: TrainConfig, *,
+          on_epoch_end: Callable[[int, dict], bool] | None = None,
           progress: bool = True) -> TrainState:
-    """Train from state.epoch to cfg.epochs. After each epoch `on_epoch_end(epoch,
-    metrics)` may return True to stop early (e.g. on SIGTERM, after checkpointing)."""
-    model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
-    rng = np.random.default_rng(cfg.seed + state.epoch)
-    val_key = "val_mae" if cfg.task_type == "regression" else "val_rocauc"
+    """Train every member from state.epoch to cfg.epochs. After each epoch
+    `on_epoch_end(epoch, metrics)` may return True to stop early (e.g. on SIGTERM,
+    after checkpointing). metrics: the members' mean training loss and validation
+    score, and each member's validation score under `val_<metric>_members`."""
+    members, optimizer, scheduler = state.members, state.optimizer, state.scheduler
+    rngs = [np.random.default_rng(m.seed + state.epoch) for m in members]
+    metric = "mae" if cfg.task_type == "regression" else "rocauc"
     pbar = tqdm(range(state.epoch, cfg.epochs), initial=state.epoch, total=cfg.epochs,
                 desc="epochs", disable=not progress, mininterval=1, dynamic_ncols=True)
     bf16 = state.bf16  # bf16 on a CPU: a bf16 copy is faster than autocast
     if bf16:
         bf16.refresh()  # the master weights may come from a checkpoint
-    net = bf16.model if bf16 else model
+    net = bf16.model if bf16 else state.model
     for epoch in pbar:
         start = time.perf_counter()
         net.train()
-        loss_sum = torch.zeros((), device=train_data.device)
-        for inputs, targets, _ in train_data.batches(rng):
-            with autocast(train_data.device, cfg.amp and bf16 is None):
-                output = net(*inputs)[0]
-            loss = compute_loss(output, targets, cfg, state.normalizer)
-            if bf16:
-                bf16.backward(loss)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if bf16:
-                bf16.refresh()
-            loss_sum += loss.detach()
-        metrics = {"train_loss": float(loss_sum) / train_data.n_batches(),
-                   "lr": scheduler.get_last_lr()[0]}
+        plan = data.plan([m.fit_idx for m in members], cfg.batch_size, rngs)
+        if cfg.cuda_graphs:
+            if state.graph is None:
+                state.graph = GraphedStep(state, data, cfg, len(plan))
+            loss_sum = state.graph.run_epoch(plan)
+        else:
+            loss_sum = torch.zeros(len(members), device=data.device)
+            for step in range(len(plan)):
+                inputs, targets, weight, _ = data.step(plan, step)
+                with autocast(data.device, cfg.amp and bf16 is None):
+                    output = net(*inputs)
+                losses = member_losses(output, targets, weight, cfg, state.norm_mean,
+                                       state.norm_std)
+                if bf16:
+                    bf16.backward(losses.sum())
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.sum().backward()
+                optimizer.step()
+                scheduler.step()
+                if bf16:
+                    bf16.refresh()
+                loss_sum += losses.detach()
+        member_loss = (loss_sum / len(plan)).tolist()  # one sync per epoch
         state.train_seconds += time.perf_counter() - start
-        if val_data is not None and len(val_data):
-            val_preds = predict(model, val_data, cfg, state.normalizer)
-            val_targets = val_data.targets.cpu().numpy()
-            metrics[val_key] = score(val_targets, val_preds, cfg.task_type)[
-                val_key[4:]]
+        metrics: dict = {"train_loss": float(np.mean(member_loss)),
+                         "lr": float(scheduler.base_lrs[0])
+                         * scheduler.lr_lambdas[0](scheduler.last_epoch)}
+        val_idx = [m.val_idx for m in members]
+        if all(len(idx) for idx in val_idx):
+            val_preds = predict(state, data, val_idx, cfg)
+            targets = data.targets.cpu().numpy()
+            val = [score(targets[idx], preds, cfg.task_type)[metric]
+                   for idx, preds in zip(val_idx, val_preds, strict=True)]
+            metrics[f"val_{metric}"] = float(np.mean(val))
+            metrics[f"val_{metric}_members"] = val
         state.epoch = epoch + 1
-        pbar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k != "lr"})
+        pbar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()
+                          if k != "lr" and not isinstance(v, list)})
         if on_epoch_end is not None and on_epoch_end(state.epoch, metrics):
             break
     pbar.close()

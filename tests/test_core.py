@@ -138,7 +138,7 @@ def check_fold_files(out_dir, run, task, fold, metric, n_test):
 def test_roostformer_regression_and_classification(featurized, tmp_path):
     featurized("matbench_steels", "matbench_expt_is_metal")
     entry = run_matbench("roostformer", "matbench_steels", 1, epochs=2,
-                         run_name="roost", out_dir=tmp_path, progress=False)
+                         run_name="roost", out_dir=tmp_path, progress=False)[1]
     assert entry["epochs"] == 2 and entry["params"]["model"] == "roostformer"
     _, preds = check_fold_files(tmp_path, "roost", "matbench_steels", 1, "mae", 63)
     assert set(entry) >= {"mae", "rmse", "r2", "train_seconds", "samples_per_sec"}
@@ -147,7 +147,7 @@ def test_roostformer_regression_and_classification(featurized, tmp_path):
     assert entry["mae"] == pytest.approx(np.abs(err).mean())
 
     entry = run_matbench("roostformer", "matbench_expt_is_metal", 0, epochs=1,
-                         run_name="roost", out_dir=tmp_path, progress=False, **TINY)
+                         run_name="roost", out_dir=tmp_path, progress=False, **TINY)[0]
     _, preds = check_fold_files(tmp_path, "roost", "matbench_expt_is_metal", 0,
                                 "rocauc", 985)
     assert 0 <= min(preds["probability"]) and max(preds["probability"]) <= 1
@@ -160,7 +160,7 @@ def test_roostformer_regression_and_classification(featurized, tmp_path):
 def test_wrenformer_phonons(featurized, tmp_path):
     featurized("matbench_phonons")
     entry = run_matbench("wrenformer", "matbench_phonons", 2, epochs=2,
-                         run_name="wren", out_dir=tmp_path, progress=False)
+                         run_name="wren", out_dir=tmp_path, progress=False)[2]
     check_fold_files(tmp_path, "wren", "matbench_phonons", 2, "mae", 253)
     assert entry["params"]["model"] == "wrenformer" and entry["n_test_unlabelled"] == 0
 
@@ -211,34 +211,71 @@ def test_amp_on_a_cpu_without_native_bf16_warns(featurized, tmp_path, capsys,
 
 @pytest.mark.parametrize("amp", [False, True])  # on a CPU, amp trains a Bf16Copy
 def test_checkpoint_predicts_again(featurized, tmp_path, amp):
+    """A stacked run's checkpoint holds every member: rebuilt from it, the members
+    predict the recorded ensemble mean of each fold."""
     import torch
 
     from mat_bench.training import (
-        DeviceData,
         MatbenchTransformer,
-        Normalizer,
+        StackedTransformer,
+        TaskData,
         TrainConfig,
+        TrainState,
         predict,
         tokenize_compositions,
     )
 
     featurized("matbench_steels")
-    run_matbench("roostformer", "matbench_steels", 0, epochs=3, run_name="ck",
-                 out_dir=tmp_path, checkpoint="local", progress=False, amp=amp,
-                 **TINY)
-    saved = torch.load(tmp_path / "checkpoints" / "ck" / "matbench_steels-fold_0.pt",
-                       weights_only=False)
-    assert saved["epoch"] == 3
-    model = MatbenchTransformer(**saved["model_params"])
+    run_matbench("roostformer", "matbench_steels", [0, 3], ensemble=2, epochs=3,
+                 run_name="ck", out_dir=tmp_path, checkpoint="local", progress=False,
+                 amp=amp, **TINY)
+    saved = torch.load(tmp_path / "checkpoints" / "ck"
+                       / "matbench_steels-folds_0-3-ensemble_2.pt", weights_only=False)
+    assert saved["epoch"] == 3 and saved["members"] == [(0, 0), (0, 1), (3, 0), (3, 1)]
+    model = StackedTransformer([MatbenchTransformer(**saved["model_params"])] * 4)
     model.load_state_dict(saved["model_state"])
-    normalizer = Normalizer.from_state_dict(saved["normalizer"])
-    test = load_featurized("matbench_steels").loc[get_fold_ids("matbench_steels", 0)[1]]
-    data = DeviceData(tokenize_compositions(list(test.composition)),
-                      test.target.to_numpy(np.float32), torch.device("cpu"), 64)
-    preds = predict(model, data, TrainConfig("regression", 3, amp=amp), normalizer)
+    state = TrainState(model, [], None, None, saved["norm_mean"], saved["norm_std"])
     recorded = read_json_results(tmp_path / "model_preds" / "ck.json")
-    np.testing.assert_allclose(
-        preds, recorded["matbench_steels"]["fold_0"]["prediction"], rtol=1e-4)
+    for fold, members in ((0, [0, 1]), (3, [2, 3])):
+        test = load_featurized("matbench_steels").loc[
+            get_fold_ids("matbench_steels", fold)[1]]
+        data = TaskData(tokenize_compositions(list(test.composition)),
+                        test.target.to_numpy(np.float32), torch.device("cpu"))
+        preds = predict(state, data, [np.arange(len(test))] * 4,
+                        TrainConfig("regression", 3, amp=amp))
+        np.testing.assert_allclose(
+            np.mean([preds[m] for m in members], axis=0),
+            recorded["matbench_steels"][f"fold_{fold}"]["prediction"], rtol=1e-4)
+
+
+def test_stacked_folds_and_ensembles_write_each_fold(featurized, tmp_path):
+    """--folds F.. --ensemble E: each fold's prediction is its members' mean, with
+    their spread; its scores hold the ensemble's metrics and each member's."""
+    featurized("matbench_steels", "matbench_expt_is_metal")
+    code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--folds",
+                     "1", "4", "--ensemble", "3", "--epochs", "2", "--out-dir",
+                     str(tmp_path), "--run-name", "ens", "--no-progress", "--d-model",
+                     "32", "--n-heads", "2", "--n-attn-layers", "1"])
+    assert code == 0
+    for fold, n_test in ((1, 63), (4, 62)):
+        entry, preds = check_fold_files(tmp_path, "ens", "matbench_steels", fold, "mae",
+                                        n_test)
+        assert entry["ensemble"] == 3 and entry["params"]["stacked_members"] == 6
+        assert [m["seed"] for m in entry["members"]] == [0, 1, 2]
+        assert all(math.isfinite(m["mae"]) and math.isfinite(m["val"])
+                   for m in entry["members"])
+        assert len(preds["prediction_std"]) == n_test
+        assert min(preds["prediction_std"]) >= 0 and max(preds["prediction_std"]) > 0
+        err = np.array(preds["prediction"]) - np.array(preds["target"])
+        assert entry["mae"] == pytest.approx(np.abs(err).mean())
+    entries = run_matbench("roostformer", "matbench_expt_is_metal", [2], ensemble=2,
+                           epochs=1, run_name="ens", out_dir=tmp_path, progress=False,
+                           **TINY)
+    entry, preds = check_fold_files(tmp_path, "ens", "matbench_expt_is_metal", 2,
+                                    "rocauc", entries[2]["n_test"])
+    assert preds["prediction"] == [int(p >= 0.5) for p in preds["probability"]]
+    assert len(preds["probability_std"]) == len(preds["probability"])
+    assert len(entry["members"]) == 2 and "rocauc" in entry["members"][0]
 
 
 def test_sigterm_checkpoints_and_rerun_resumes(featurized, tmp_path):
@@ -259,7 +296,7 @@ def test_sigterm_checkpoints_and_rerun_resumes(featurized, tmp_path):
     assert not (tmp_path / "model_scores" / "term.json").exists()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "resuming matbench_steels fold 2 from epoch" in proc.stdout
+    assert "resuming matbench_steels fold_2 from epoch" in proc.stdout
     scores = read_json_results(tmp_path / "model_scores" / "term.json")
     assert scores["matbench_steels"]["fold_2"]["epochs"] == 60
 
@@ -291,6 +328,14 @@ def test_wandb_offline_logs_locally(featurized, tmp_path, monkeypatch):
           "--epochs", "0"], "--epochs must be at least 1"),
         (["--model", "roostformer", "--task", "matbench_steels", "--fold", "0",
           "--d-model", "30", "--n-heads", "4"], "divisible"),
+        (["--model", "roostformer", "--task", "matbench_steels", "--folds", "0", "2",
+          "0"], "repeats a fold"),
+        (["--model", "roostformer", "--task", "matbench_steels", "--folds", "0", "7"],
+         "fold 7 is out of range"),
+        (["--model", "roostformer", "--task", "matbench_steels", "--fold", "0",
+          "--ensemble", "0"], "--ensemble must be at least 1"),
+        (["--model", "roostformer", "--task", "matbench_steels", "--fold", "0",
+          "--device", "cpu", "--cuda-graphs"], "--cuda-graphs needs --device cuda"),
     ],
 )
 def test_bad_input_errors(featurized, tmp_path, capsys, argv, message):
@@ -351,37 +396,6 @@ def test_package_imports_outside_repo(tmp_path):
     assert proc.stdout.strip() == "ok", proc.stderr
 
 
-def test_device_batches_cover_every_material_once(featurized):
-    import torch
-
-    from mat_bench.training import SEQ_MULTIPLE, DeviceData, tokenize_protostructures
-
-    featurized("matbench_phonons")
-    labels = list(load_featurized("matbench_phonons").protostructure.dropna()[:300])
-    tokens = tokenize_protostructures(labels)
-    data = DeviceData(tokens, np.arange(len(labels), dtype=np.float32),
-                      torch.device("cpu"), batch_size=32, bucket_batches=4)
-    for rng in (np.random.default_rng(1), None):
-        seen = []
-        for (elem, frac, wyk, seq_mask, owner, mask), targets, mat_idx in data.batches(rng):
-            assert len(mat_idx) <= 32 and targets.tolist() == mat_idx.tolist()
-            # every sequence of a material is in its batch, owned by its position;
-            # filler sequences (owner len(mat_idx), one token) pad to SEQ_MULTIPLE
-            n_mat = len(mat_idx)
-            assert owner.bincount(minlength=n_mat + 1)[:n_mat].tolist() == \
-                np.diff(tokens.seq_start)[mat_idx.numpy()].tolist()
-            assert len(owner) % SEQ_MULTIPLE == 0 and owner.max() <= n_mat
-            assert (owner == n_mat).sum() < SEQ_MULTIPLE
-            # the width fits the longest material, and padding is where tokens end
-            lengths = torch.cat([torch.as_tensor(tokens.length)[mat_idx],
-                                 torch.ones(1, dtype=torch.long)])
-            assert elem.shape[1] == lengths[:n_mat].max()
-            assert ((~mask).sum(1) == lengths[:n_mat]).all()
-            assert ((~seq_mask).sum(1) == lengths[owner]).all()
-            seen += mat_idx.tolist()
-        assert sorted(seen) == list(range(len(labels)))
-
-
 def test_wandb_online_without_login_says_what_to_do(featurized, tmp_path, monkeypatch,
                                                     capsys):
     featurized("matbench_steels")
@@ -397,147 +411,3 @@ def test_wandb_online_without_login_says_what_to_do(featurized, tmp_path, monkey
     assert not list(tmp_path.rglob("online.json"))
 
 
-@pytest.mark.parametrize("amp", [False, True])
-def test_encode_matches_aviarys_transformer_encoder(featurized, amp):
-    """MatbenchTransformer.encode (our lean layer loop) computes what aviary's
-    nn.TransformerEncoder computes with the same weights, gradients included."""
-    import torch
-
-    from mat_bench.training import DeviceData, MatbenchTransformer, autocast, tokenize
-
-    featurized("matbench_phonons")
-    labels = list(load_featurized("matbench_phonons").protostructure.dropna()[:200])
-    data = DeviceData(tokenize("wrenformer", labels),
-                      np.zeros(len(labels), "float32"), torch.device("cpu"), 64)
-    torch.manual_seed(0)
-    model = MatbenchTransformer(wyckoff=True, robust=False, n_targets=[1],
-                                task_dict={"t": "regression"}, n_attn_layers=2)
-    model.train()
-    for (elem, *_, seq_mask, _, _), _, _ in data.batches(np.random.default_rng(0)):
-        x = torch.randn(*elem.shape, 128)
-        with autocast(torch.device("cpu"), amp):
-            ours = model.encode(x, seq_mask)
-            ref = model.transformer_encoder(x, src_key_padding_mask=seq_mask)
-        keep = ~seq_mask
-        tol = 3e-2 if amp else 1e-5  # bf16 GEMMs: compare at bf16's precision
-        torch.testing.assert_close(ours.float()[keep], ref.float()[keep], atol=tol,
-                                   rtol=tol)
-        weight = model.transformer_encoder.layers[0].linear1.weight
-        (grad_ours,) = torch.autograd.grad(ours[keep].float().sum(), weight)
-        (grad_ref,) = torch.autograd.grad(ref[keep].float().sum(), weight)
-        assert torch.isfinite(grad_ours).all()
-        assert torch.nn.functional.cosine_similarity(
-            grad_ours.flatten(), grad_ref.flatten(), dim=0) > (0.99 if amp else 0.99999)
-
-
-def test_encode_applies_dropout_only_in_training():
-    """With dropout > 0, encode drops in training mode and matches aviary's encoder
-    (no dropout) in eval mode."""
-    import torch
-
-    from mat_bench.training import MatbenchTransformer
-
-    torch.manual_seed(0)
-    model = MatbenchTransformer(wyckoff=False, robust=False, n_targets=[1],
-                                task_dict={"t": "regression"}, n_attn_layers=2,
-                                dropout=0.5)
-    x = torch.randn(8, 5, 128)
-    pad = torch.zeros(8, 5, dtype=torch.bool)
-    pad[:4, 3:] = True
-    model.train()
-    for layer in model.transformer_encoder.layers:
-        layer.self_attn.dropout = 0.0  # so only the layers' own dropouts act
-    assert not torch.allclose(model.encode(x, pad), model.encode(x, pad))
-    model.eval()
-    with torch.no_grad():
-        ours = model.encode(x, pad)
-        ref = model.transformer_encoder(x, src_key_padding_mask=pad)
-    torch.testing.assert_close(ours[~pad], ref[~pad], atol=1e-5, rtol=1e-5)
-
-
-def test_filler_sequences_change_no_prediction(featurized, monkeypatch):
-    """Padding Wrenformer batches with filler sequences leaves predictions alone."""
-    import torch
-
-    import mat_bench.training as training
-
-    featurized("matbench_phonons")
-    labels = list(load_featurized("matbench_phonons").protostructure.dropna()[:150])
-    data = training.DeviceData(training.tokenize("wrenformer", labels),
-                               np.zeros(len(labels), "float32"),
-                               torch.device("cpu"), 32)
-    cfg = training.TrainConfig("regression", 1)
-    torch.manual_seed(0)
-    state = training.new_train_state("wrenformer", data, cfg, n_attn_layers=1)
-    padded = training.predict(state.model, data, cfg, state.normalizer)
-    monkeypatch.setattr(training, "SEQ_MULTIPLE", 1)
-    plain = training.predict(state.model, data, cfg, state.normalizer)
-    np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-5)
-
-
-def test_bf16_copy_follows_autocast_and_resumes_from_a_checkpoint(featurized):
-    """amp on a CPU trains a bf16 copy of the model: its gradients, copied into the
-    flat fp32 master weights, agree with autocast's; the optimizer's update reaches
-    the copy; and a state rebuilt from saved state dicts trains on exactly like the
-    state that was saved (the copy is refreshed from the loaded weights)."""
-    import copy
-
-    import torch
-
-    import mat_bench.training as training
-
-    featurized("matbench_phonons")
-    df = load_featurized("matbench_phonons").dropna(subset=["protostructure"])[:160]
-    data = training.DeviceData(training.tokenize("wrenformer", list(df.protostructure)),
-                               df.target.to_numpy("float32"), torch.device("cpu"), 32)
-    cfg = training.TrainConfig("regression", 3, amp=True)
-    torch.manual_seed(0)
-    state = training.new_train_state("wrenformer", data, cfg, n_attn_layers=2)
-    bf16 = state.bf16
-    assert bf16 is not None and state.optimizer.param_groups[0]["params"] == [
-        bf16.master]
-    params = list(state.model.parameters())
-    master_ptr = bf16.master.untyped_storage().data_ptr()
-    assert all(p.untyped_storage().data_ptr() == master_ptr
-               for p in params)  # the model's weights are views of the master
-
-    # gradients: the bf16 copy vs autocast on an fp32 twin of the model
-    twin = copy.deepcopy(state.model)
-    inputs, targets, _ = next(data.batches(np.random.default_rng(0)))
-    bf16.model.train()
-    bf16.backward(training.compute_loss(bf16.model(*inputs)[0], targets, cfg,
-                                        state.normalizer))
-    with training.autocast(torch.device("cpu"), True):
-        output = twin(*inputs)[0]
-    training.compute_loss(output, targets, cfg, state.normalizer).backward()
-    for grad, (name, param) in zip(bf16.grads, twin.named_parameters(), strict=True):
-        assert torch.nn.functional.cosine_similarity(
-            grad.flatten(), param.grad.flatten(), dim=0) > 0.98, name
-
-    # the optimizer updates the master; refresh carries it into the copy
-    before = bf16.master.detach().clone()
-    state.optimizer.step()
-    bf16.refresh()
-    assert not torch.equal(before, bf16.master)
-    for param, copy_param in zip(params, bf16.model.parameters(), strict=True):
-        assert torch.equal(copy_param, param.to(torch.bfloat16))
-
-    # resume: save after one epoch, rebuild, load, train on; compare with going on
-    torch.manual_seed(1)
-    state = training.new_train_state("wrenformer", data, cfg, n_attn_layers=2)
-    training.train(state, data, None, cfg, progress=False,
-                   on_epoch_end=lambda epoch, metrics: epoch == 1)
-    saved = copy.deepcopy({"model": state.model.state_dict(),
-                           "optimizer": state.optimizer.state_dict(),
-                           "scheduler": state.scheduler.state_dict()})
-    torch.manual_seed(2)  # other initial weights, overwritten by the load
-    resumed = training.new_train_state("wrenformer", data, cfg, n_attn_layers=2)
-    resumed.model.load_state_dict(saved["model"])
-    resumed.optimizer.load_state_dict(saved["optimizer"])
-    resumed.scheduler.load_state_dict(saved["scheduler"])
-    resumed.epoch = 1
-    for st in (state, resumed):
-        training.train(st, data, None, cfg, progress=False)
-    np.testing.assert_array_equal(
-        training.predict(state.model, data, cfg, state.normalizer),
-        training.predict(resumed.model, data, cfg, resumed.normalizer))

@@ -1,0 +1,295 @@
+"""training.py on real Matbench data: the stacked model against aviary's Wrenformer,
+the members' batches, member independence, stacked vs solo runs, the CUDA-graph
+step's bookkeeping (emulated on the CPU), bf16 and resuming."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from aviary.wrenformer.model import Wrenformer
+
+import mat_bench.training as training
+from mat_bench.data import load_featurized
+
+CPU = torch.device("cpu")
+TINY = {"d_model": 32, "n_attn_heads": 2, "n_attn_layers": 1}
+
+
+def task_data(featurized, model: str, n_rows: int) -> training.TaskData:
+    """The first n_rows materials of steels (roostformer) or phonons (wrenformer)."""
+    task, col = (("matbench_phonons", "protostructure") if model == "wrenformer"
+                 else ("matbench_steels", "composition"))
+    featurized(task)
+    df = load_featurized(task).dropna(subset=[col])[:n_rows]
+    return training.TaskData(training.tokenize(model, list(df[col])),
+                             df.target.to_numpy(np.float32), CPU)
+
+
+def members_of(n_rows: int, n_members: int, seed: int = 0) -> list[training.Member]:
+    """Members with overlapping random training sets and validation sets of 20."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for idx in range(n_members):
+        perm = rng.permutation(n_rows)
+        out.append(training.Member(idx, idx, perm[20:], perm[:20]))
+    return out
+
+
+def solo_models(model: str, n_members: int, **kwargs) -> list:
+    nets = []
+    for seed in range(n_members):
+        torch.manual_seed(seed)
+        nets.append(training.MatbenchTransformer(
+            wyckoff=model == "wrenformer", robust=False, n_targets=[1],
+            task_dict={"t": "regression"}, **kwargs))
+    return nets
+
+
+@pytest.mark.parametrize("model", ["roostformer", "wrenformer"])
+@pytest.mark.parametrize("amp", [False, True])
+def test_stacked_model_computes_aviarys_wrenformer(featurized, model, amp):
+    """Each member of a StackedTransformer computes what aviary's Wrenformer.forward
+    (nn.TransformerEncoder, residual trunk and head) computes with its weights,
+    gradients included; under bf16 autocast, to bf16's precision."""
+    data = task_data(featurized, model, 160)
+    nets = solo_models(model, 3, frac_encoding_dims=16, n_attn_layers=2)
+    stacked = training.StackedTransformer(nets)
+    stacked.train()
+    plan = data.plan([np.arange(160)] * 3, 32, [np.random.default_rng(s) for s in range(3)])
+    for step in range(len(plan)):
+        inputs, _, _, mat = data.step(plan, step)
+        with training.autocast(CPU, amp):
+            ours = stacked(*inputs)
+        for m, net in enumerate(nets):
+            net.train()
+            elem, frac, wyk, seq_mask, *rest = (x if x is None else x[m] for x in inputs)
+            feats = training.token_features(stacked.elem_table, stacked.wyckoff_table,
+                                            16, elem, frac, wyk)
+            args = ()
+            if model == "wrenformer":  # aviary: equivalent sequences in a row, counted
+                owner = rest[0]
+                keep = owner < mat.shape[1]
+                order = torch.argsort(owner[keep], stable=True)
+                feats, seq_mask = feats[keep][order], seq_mask[keep][order]
+                args = (torch.bincount(owner[keep]).tolist(),)
+            with training.autocast(CPU, amp):
+                ref = Wrenformer.forward(net, feats, seq_mask, *args)[0]
+            tol = 3e-2 if amp else 1e-5
+            torch.testing.assert_close(ours[m].float(), ref.float(), atol=tol, rtol=tol)
+            weight = "transformer_encoder.layers.0.linear1.weight"
+            (grad_ours,) = torch.autograd.grad(
+                ours[m].float().sum(), stacked.weights[weight.replace(".", "__")],
+                retain_graph=True)
+            (grad_ref,) = torch.autograd.grad(ref.float().sum(),
+                                              dict(net.named_parameters())[weight])
+            assert grad_ours[[i for i in range(3) if i != m]].abs().max() == 0
+            assert torch.nn.functional.cosine_similarity(
+                grad_ours[m].flatten(), grad_ref.flatten(), dim=0) > (
+                    0.99 if amp else 0.99999)
+
+
+def test_dropout_acts_only_in_training():
+    torch.manual_seed(0)
+    nets = solo_models("roostformer", 2, n_attn_layers=2, dropout=0.5)
+    stacked = training.StackedTransformer(nets)
+    elem = torch.randint(1, 90, (2, 8, 5))
+    frac = torch.rand(2, 8, 5)
+    pad = torch.zeros(2, 8, 5, dtype=torch.bool)
+    pad[:, :4, 3:] = True
+    elem[pad] = 0
+    stacked.train()
+    assert not torch.allclose(stacked(elem, frac, None, pad), stacked(elem, frac, None, pad))
+    stacked.eval()
+    with torch.no_grad():
+        assert torch.equal(stacked(elem, frac, None, pad), stacked(elem, frac, None, pad))
+
+
+@pytest.mark.parametrize("model", ["roostformer", "wrenformer"])
+def test_plan_gives_each_member_its_materials_once(featurized, model):
+    data = task_data(featurized, model, 300)
+    members = members_of(300, 3)
+    sizes = [120, 250, 280]  # members of different sizes: short ones get pad rows
+    idx = [m.fit_idx[:size] for m, size in zip(members, sizes, strict=True)]
+    for rngs in ([np.random.default_rng(s) for s in range(3)], None):
+        plan = data.plan(idx, 32, rngs, bucket_batches=4)
+        assert len(plan) == -(-max(sizes) // 32)
+        seen = [[] for _ in idx]
+        for step in range(len(plan)):
+            inputs, targets, weight, mat = data.step(plan, step)
+            assert mat.shape == weight.shape == (3, 32)
+            assert ((mat == data.pad) == (weight == 0)).all()
+            assert torch.equal(targets, data.targets[mat])
+            elem = inputs[0]
+            if model == "wrenformer":  # each material's sequences, then fillers
+                owner = inputs[4]
+                assert owner.shape[1] % training.SEQ_MULTIPLE == 0
+                for m in range(3):
+                    real = mat[m][weight[m] > 0]
+                    counts = torch.bincount(owner[m], minlength=33)[: len(real)]
+                    assert counts.tolist() == data.n_seq[real.numpy()].tolist()
+            width = int(data.length[mat.numpy()].max())
+            assert elem.shape[-1] == width
+            for m in range(3):
+                seen[m] += mat[m][weight[m] > 0].tolist()
+        for m in range(3):
+            assert sorted(seen[m]) == sorted(idx[m].tolist())
+
+
+def test_filler_sequences_change_no_prediction(featurized, monkeypatch):
+    """Padding Wrenformer steps with filler sequences leaves predictions alone."""
+    data = task_data(featurized, "wrenformer", 150)
+    members = members_of(150, 2)
+    cfg = training.TrainConfig("regression", 1, batch_size=32)
+    state = training.new_train_state("wrenformer", data, members, cfg, n_attn_layers=1)
+    test = [np.arange(150)] * 2
+    padded = training.predict(state, data, test, cfg)
+    monkeypatch.setattr(training, "SEQ_MULTIPLE", 1)
+    plain = training.predict(state, data, test, cfg)
+    np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["roostformer", "wrenformer"])
+def test_members_never_see_each_others_data(featurized, model):
+    """Change one member's batch: every other member's gradients stay the same."""
+    data = task_data(featurized, model, 200)
+    members = members_of(200, 3)
+    cfg = training.TrainConfig("regression", 1, batch_size=16)
+    state = training.new_train_state(model, data, members, cfg, **TINY)
+    net = state.model
+
+    def grads(plan, step):
+        inputs, targets, weight, _ = data.step(plan, step)
+        net.zero_grad()
+        training.member_losses(net(*inputs), targets, weight, cfg, state.norm_mean,
+                               state.norm_std).sum().backward()
+        return {name: p.grad.clone() for name, p in net.named_parameters()}
+
+    idx = [m.fit_idx for m in members]
+    base = grads(data.plan(idx, 16, [np.random.default_rng(s) for s in range(3)]), 0)
+    other = [idx[0], idx[1], idx[2][::-1].copy()]  # member 2 gets other materials
+    changed = grads(data.plan(other, 16, [np.random.default_rng(s) for s in (0, 1, 5)]),
+                    0)
+    for name in base:
+        torch.testing.assert_close(base[name][:2], changed[name][:2], rtol=0, atol=0)
+    assert any(not torch.equal(base[n][2], changed[n][2]) for n in base)
+
+
+def test_stacked_member_matches_a_solo_run(featurized):
+    """A member of a 3-member stacked run and a solo run with its fold and seed give
+    the same predictions within fp32 rounding."""
+    data = task_data(featurized, "roostformer", 312)
+    members = members_of(312, 3)
+    cfg = training.TrainConfig("regression", 3, batch_size=32)
+    stacked = training.new_train_state("roostformer", data, members, cfg,
+                                       frac_encoding_dims=16, **TINY)
+    training.train(stacked, data, cfg, progress=False)
+    solo = training.new_train_state("roostformer", data, [members[1]], cfg,
+                                    frac_encoding_dims=16, **TINY)
+    training.train(solo, data, cfg, progress=False)
+    test = np.arange(312)
+    ours = training.predict(stacked, data, [test] * 3, cfg)
+    (alone,) = training.predict(solo, data, [test], cfg)
+    np.testing.assert_allclose(ours[1], alone, rtol=1e-3)
+    assert np.abs(ours[0] - alone).mean() > 10 * np.abs(ours[1] - alone).mean()
+
+
+def emulate_cuda_graphs(monkeypatch) -> None:
+    """GraphedStep without a GPU: warm-up steps and 'replays' run its step body
+    eagerly (a replay overwrites the gradients, as a captured backward does)."""
+
+    def step(self):
+        self.state.optimizer.zero_grad(set_to_none=True)
+        self.body()
+
+    monkeypatch.setattr(training.GraphedStep, "warmup_step", step)
+    monkeypatch.setattr(training.GraphedStep, "capture",
+                        lambda self: (lambda: step(self)))
+
+
+def test_graph_step_bookkeeping_matches_eager(featurized, monkeypatch):
+    """The graphed step's static buffers, on-device step counter, learning-rate
+    table and loss sums train as the eager loop does. Fixed-width batches and a
+    float32 learning rate change only rounding, which a tiny model on 312 materials
+    amplifies from epoch to epoch: the first epoch agrees to 1e-5."""
+    emulate_cuda_graphs(monkeypatch)
+    data = task_data(featurized, "roostformer", 312)
+    members = members_of(312, 2)
+    logs, preds = {}, {}
+    for graphs in (False, True):
+        cfg = training.TrainConfig("regression", 3, batch_size=32, cuda_graphs=graphs)
+        state = training.new_train_state("roostformer", data, members, cfg,
+                                         frac_encoding_dims=16, **TINY)
+        logs[graphs] = []
+        training.train(state, data, cfg, progress=False,
+                       on_epoch_end=lambda _, m, log=logs[graphs]: log.append(m))
+        preds[graphs] = np.stack(training.predict(state, data, [np.arange(312)] * 2,
+                                                  cfg))
+        assert state.scheduler.last_epoch == 3 * training.steps_per_epoch(members, 32)
+    for eager, graph in zip(logs[False], logs[True], strict=True):
+        assert eager["lr"] == pytest.approx(graph["lr"], rel=1e-6)
+    first = [logs[g][0]["train_loss"] for g in (False, True)]
+    assert first[0] == pytest.approx(first[1], rel=1e-5)
+    for eager, graph in zip(logs[False], logs[True], strict=True):
+        assert eager["train_loss"] == pytest.approx(graph["train_loss"], rel=2e-2)
+        assert eager["val_mae"] == pytest.approx(graph["val_mae"], rel=2e-2)
+    assert np.abs(preds[True] - preds[False]).mean() < 0.02 * np.abs(preds[False]).mean()
+
+
+def test_bf16_copy_follows_autocast_and_resumes(featurized):
+    """amp on a CPU trains a bf16 copy of the stacked model: its gradients, copied
+    into the flat fp32 master weights, agree with autocast's; the optimizer's update
+    reaches the copy; and a state rebuilt from saved state dicts trains on exactly
+    like the state that was saved."""
+    data = task_data(featurized, "wrenformer", 160)
+    members = members_of(160, 2)
+    cfg = training.TrainConfig("regression", 3, batch_size=32, amp=True)
+    state = training.new_train_state("wrenformer", data, members, cfg, n_attn_layers=2)
+    bf16 = state.bf16
+    assert bf16 is not None and state.optimizer.param_groups[0]["params"] == [
+        bf16.master]
+    params = list(state.model.parameters())
+    master_ptr = bf16.master.untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == master_ptr for p in params)
+
+    twin = copy.deepcopy(state.model)
+    plan = data.plan([m.fit_idx for m in members], 32, [np.random.default_rng(0)] * 2)
+    inputs, targets, weight, _ = data.step(plan, 0)
+    bf16.model.train()
+    losses = training.member_losses(bf16.model(*inputs), targets, weight, cfg,
+                                    state.norm_mean, state.norm_std)
+    bf16.backward(losses.sum())
+    with training.autocast(CPU, True):
+        output = twin(*inputs)
+    training.member_losses(output, targets, weight, cfg, state.norm_mean,
+                           state.norm_std).sum().backward()
+    for grad, (name, param) in zip(bf16.grads, twin.named_parameters(), strict=True):
+        assert torch.nn.functional.cosine_similarity(
+            grad.flatten(), param.grad.flatten(), dim=0) > 0.98, name
+
+    before = bf16.master.detach().clone()
+    state.optimizer.step()
+    bf16.refresh()
+    assert not torch.equal(before, bf16.master)
+    for param, copy_param in zip(params, bf16.model.parameters(), strict=True):
+        assert torch.equal(copy_param, param.to(torch.bfloat16))
+
+    state = training.new_train_state("wrenformer", data, members, cfg, n_attn_layers=2)
+    training.train(state, data, cfg, progress=False,
+                   on_epoch_end=lambda epoch, metrics: epoch == 1)
+    saved = copy.deepcopy({"model": state.model.state_dict(),
+                           "optimizer": state.optimizer.state_dict(),
+                           "scheduler": state.scheduler.state_dict()})
+    resumed = training.new_train_state("wrenformer", data, members_of(160, 2, seed=9),
+                                       cfg, n_attn_layers=2)
+    resumed.members = members
+    resumed.model.load_state_dict(saved["model"])
+    resumed.optimizer.load_state_dict(saved["optimizer"])
+    resumed.scheduler.load_state_dict(saved["scheduler"])
+    resumed.norm_mean, resumed.norm_std = state.norm_mean, state.norm_std
+    resumed.epoch = 1
+    for st in (state, resumed):
+        training.train(st, data, cfg, progress=False)
+    test = [np.arange(160)] * 2
+    np.testing.assert_array_equal(training.predict(state, data, test, cfg),
+                                  training.predict(resumed, data, test, cfg))
