@@ -1,5 +1,6 @@
-"""Run many (task, fold) jobs of run_matbench.py on one machine, a few at a time, and
-skip the folds a run has already recorded: a workstation's resumable alternative to
+"""Run many (task, fold) jobs of run_matbench.py on one machine, a few at a time, or
+with --per-task one job per task training its folds together (stacked), and skip
+the folds a run has already recorded: a workstation's resumable alternative to
 slurm_submit.py. With --grid, one run per combination of hyperparameters (a search
 on the validation split of the training folds: its table shows validation metrics
 only, never the test fold's).
@@ -11,6 +12,8 @@ Examples:
         --parallel 4 --device cuda                                 # 4 folds at once on a GPU
     python run_folds.py --model roostformer --run-name search --tasks matbench_steels \
         --folds 0 --grid frac_encoding=0,64 learning_rate=5e-4,1e-3   # validation table
+    python run_folds.py --model roostformer --run-name roostformer --per-task \
+        --tasks matbench_log_gvrh matbench_log_kvrh --checkpoint local  # folds stacked
 
 Flags it does not know go to run_matbench.py unchanged. Logs: OUT_DIR/job-logs/.
 """
@@ -81,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(ALL_TASKS))
     parser.add_argument("--folds", nargs="+", type=int, default=list(range(N_FOLDS)))
     parser.add_argument("--parallel", type=int, default=1, help="jobs at once")
+    parser.add_argument("--per-task", action="store_true",
+                        help="one job per task, its missing folds stacked in one model")
     parser.add_argument("--out-dir", default=ROOT)
     parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2")
     args, passthrough = parser.parse_known_args(argv)
@@ -96,14 +101,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = {name: done_pairs(scores_path(out_dir, name), args.model)
                 for name, _ in runs}
         jobs = []
-        for (name, flags), task, fold in itertools.product(runs, args.tasks, args.folds):
-            if (task, fold) in done[name]:
-                print(f"skip {name} {task} fold {fold}: already recorded")
-                continue
-            cmd = [sys.executable, "run_matbench.py", "--model", args.model, "--task",
-                   task, "--fold", str(fold), "--run-name", name, "--out-dir",
-                   str(out_dir), "--no-progress", *flags, *passthrough]
-            jobs.append((cmd, out_dir / "job-logs" / f"{name}-{task}-fold_{fold}.log"))
+        for (name, flags), task in itertools.product(runs, args.tasks):
+            todo = []
+            for fold in args.folds:
+                if (task, fold) in done[name]:
+                    print(f"skip {name} {task} fold {fold}: already recorded")
+                else:
+                    todo.append(fold)
+            groups = [todo] if args.per_task and todo else [[fold] for fold in todo]
+            for folds in groups:
+                tag = "-".join(map(str, folds))
+                cmd = [sys.executable, "run_matbench.py", "--model", args.model,
+                       "--task", task, "--folds", *map(str, folds), "--run-name",
+                       name, "--out-dir", str(out_dir), "--no-progress", *flags,
+                       *passthrough]
+                jobs.append((cmd, out_dir / "job-logs" / f"{name}-{task}-fold_{tag}.log"))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

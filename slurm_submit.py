@@ -1,5 +1,6 @@
 """Run the Matbench benchmark on a SLURM cluster as one job array: one element per
-(task, fold) pair, each running run_matbench.py, all merging into the same
+(task, fold) pair, or with --per-task one per task training its folds together
+(stacked), each running run_matbench.py, all merging into the same
 OUT_DIR/model_scores/RUN.json and OUT_DIR/model_preds/RUN.json.
 
 Examples:
@@ -14,6 +15,9 @@ Examples:
     # two tasks, folds 0 and 1, show what would be submitted
     python slurm_submit.py --model roostformer --run-name try --tasks matbench_steels \
         matbench_expt_gap --folds 0 1 --epochs 5 --dry-run
+    # one element per task, its 5 folds x 4 seeds stacked on one GPU
+    python slurm_submit.py --model roostformer --run-name roost-ens --per-task \
+        --ensemble 4 --batch-size 256 --cuda-graphs --time 2:00:00
     # after failures or time limits: submit only the folds the scores file lacks
     python slurm_submit.py --model roostformer --run-name roost-v1 --only-missing
 
@@ -163,7 +167,8 @@ def done_pairs(path: str | os.PathLike, model: str) -> set[tuple[str, int]]:
 
 
 # --- the job ----------------------------------------------------------------------
-TASK_VAR, FOLD_VAR = '"$TASK"', '"$FOLD"'  # filled in by the job script
+# filled in by the job script; $FOLDS unquoted: one word per fold (--per-task)
+TASK_VAR, FOLD_VAR, FOLDS_VAR = '"$TASK"', '"$FOLD"', "$FOLDS"
 
 
 def gpu_count(gpus_per_node: str) -> int:
@@ -173,11 +178,13 @@ def gpu_count(gpus_per_node: str) -> int:
 
 def run_matbench_args(model: str, run_name: str, out_dir: str | os.PathLike,
                       extra: Sequence[str], gpus_per_node: str,
-                      requeue: bool) -> list[str]:
-    """run_matbench.py's arguments for an element, with TASK_VAR and FOLD_VAR for the
-    shell to fill in. The device follows --gpus-per-node and --requeue turns on
-    checkpoints, unless `extra` (the user's pass-through flags, last) says otherwise."""
-    args = ["--model", model, "--task", TASK_VAR, "--fold", FOLD_VAR,
+                      requeue: bool, per_task: bool = False) -> list[str]:
+    """run_matbench.py's arguments for an element, with TASK_VAR and FOLD_VAR (or,
+    per task, FOLDS_VAR) for the shell to fill in. The device follows --gpus-per-node
+    and --requeue turns on checkpoints, unless `extra` (the user's pass-through
+    flags, last) says otherwise."""
+    folds = ["--folds", FOLDS_VAR] if per_task else ["--fold", FOLD_VAR]
+    args = ["--model", model, "--task", TASK_VAR, *folds,
             "--run-name", run_name, "--out-dir", str(out_dir),
             "--device", "cuda" if gpu_count(gpus_per_node) else "cpu",
             "--no-progress"]
@@ -196,21 +203,34 @@ def check_run_args(args: Sequence[str], model: str, run_name: str,
     task = ALL_TASKS[0] if model == "roostformer" else STRUCTURE_TASKS[0]
     parser = build_parser()
     parser.prog = "run_matbench.py"  # in its messages for bad values
-    sentinel = {TASK_VAR: "<task of the element>", FOLD_VAR: "99999"}
-    ns, unknown = parser.parse_known_args([sentinel.get(arg, arg) for arg in args])
+    sentinel = {TASK_VAR: "<task of the element>", FOLD_VAR: "99999",
+                FOLDS_VAR: "99999"}
+    try:
+        ns, unknown = parser.parse_known_args([sentinel.get(arg, arg) for arg in args])
+    except SystemExit as exc:  # argparse said why on stderr (e.g. --fold with --folds)
+        raise UserError("run_matbench.py refused these flags (above): --task, --fold "
+                        "and --folds are set by slurm_submit.py, use --tasks and "
+                        "--folds") from exc
     if unknown:
         raise UserError(
             f"run_matbench.py does not take {' '.join(unknown)} (see `python "
             "run_matbench.py --help`; options of slurm_submit.py: --help)"
         )
+    per_task = FOLDS_VAR in args
     for flag, value in (("--model", model), ("--task", sentinel[TASK_VAR]),
-                        ("--fold", 99999), ("--run-name", run_name),
-                        ("--out-dir", str(out_dir))):
+                        ("--folds", [99999]) if per_task else ("--fold", 99999),
+                        ("--run-name", run_name), ("--out-dir", str(out_dir))):
         if getattr(ns, flag[2:].replace("-", "_")) != value:
-            hint = {"--task": "use --tasks", "--fold": "use --folds"}.get(
+            hint = {"--task": "use --tasks", "--fold": "use --folds",
+                    "--folds": "use --folds"}.get(
                 flag, "give it once, spelled out in full")
             raise UserError(f"{flag} is set by slurm_submit.py for each element: "
                             f"{hint}")
+    if ns.cuda_graphs and (ns.device != "cuda" or model != "roostformer"):
+        raise UserError("--cuda-graphs needs GPUs (--gpus-per-node 1 or more) and "
+                        "--model roostformer: drop --cuda-graphs")
+    if ns.ensemble < 1:
+        raise UserError(f"--ensemble must be at least 1, got {ns.ensemble}")
     if requeue and ns.checkpoint != "local":
         raise UserError("--requeue resumes from checkpoints: drop --checkpoint none")
     params = {key: getattr(ns, key) for key in RUN_DEFAULTS}
@@ -221,7 +241,8 @@ def check_run_args(args: Sequence[str], model: str, run_name: str,
 def shell_command(args: Sequence[str]) -> str:
     """`python run_matbench.py ARGS` as one shell-quoted line."""
     return " ".join(["python", shlex.quote(str(RUN_SCRIPT))] + [
-        arg if arg in (TASK_VAR, FOLD_VAR) else shlex.quote(arg) for arg in args])
+        arg if arg in (TASK_VAR, FOLD_VAR, FOLDS_VAR) else shlex.quote(arg)
+        for arg in args])
 
 
 def sbatch_options(args: argparse.Namespace, n_elements: int,
@@ -252,23 +273,37 @@ def sbatch_options(args: argparse.Namespace, n_elements: int,
     return opts + shlex.split(args.sbatch_args or "")
 
 
-def job_script(pairs: Sequence[tuple[str, int]], command: str, sbatch_cmd: str,
-               pre_cmd: str | None, requeue: bool) -> str:
-    """The array's batch script: element i runs `command` for pairs[i]."""
-    pair_lines = "\n".join(f"  '{task} {fold}'" for task, fold in pairs)
+def group_by_task(pairs: Sequence[tuple[str, int]]) -> list[tuple[str, list[int]]]:
+    """(task, folds) per task, in the pairs' order: one element per task."""
+    folds: dict[str, list[int]] = {}
+    for task, fold in pairs:
+        folds.setdefault(task, []).append(fold)
+    return list(folds.items())
+
+
+def job_script(elements: Sequence[tuple[str, int | Sequence[int]]], command: str,
+               sbatch_cmd: str, pre_cmd: str | None, requeue: bool) -> str:
+    """The array's batch script: element i runs `command` for elements[i], a (task,
+    fold) pair or, per task, (task, folds)."""
+    per_task = not isinstance(elements[0][1], int)
+    pair_lines = "\n".join(
+        f"  '{task} {' '.join(map(str, folds)) if per_task else folds}'"
+        for task, folds in elements)
+    what = "task (and its folds)" if per_task else "(task, fold) pair"
+    fold_var = "FOLDS" if per_task else "FOLD"
     lines = [
         "#!/bin/bash",
         f"# Matbench job array written by slurm_submit.py on "
         f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}, submitted with:",
         f"#   {sbatch_cmd}",
-        "# One element per (task, fold) pair below; SLURM_ARRAY_TASK_ID indexes them.",
+        f"# One element per {what} below; SLURM_ARRAY_TASK_ID indexes them.",
         "set -eo pipefail",
         "",
         f"PAIRS=(\n{pair_lines}\n)",
-        'read -r TASK FOLD <<< "${PAIRS[$SLURM_ARRAY_TASK_ID]}"',
+        f'read -r TASK {fold_var} <<< "${{PAIRS[$SLURM_ARRAY_TASK_ID]}}"',
         'echo "[$(date -Is)] element ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} '
         '(job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}) on $(hostname): '
-        '$TASK fold $FOLD"',
+        f'$TASK fold{"s" if per_task else ""} ${fold_var}"',
         "",
     ]
     if pre_cmd:
@@ -348,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: the repository)")
     run.add_argument("--log-dir", default=None,
                      help="job script and logs (default: OUT_DIR/job-logs)")
+    run.add_argument("--per-task", action="store_true",
+                     help="one element per task, training its folds together "
+                     "(run_matbench.py --folds, stacked), as the original did; "
+                     "default: one element per (task, fold)")
     run.add_argument("--only-missing", action="store_true",
                      help="submit only the pairs the run's scores file lacks")
     run.add_argument("--dry-run", action="store_true",
@@ -410,7 +449,7 @@ def submit_run(args: argparse.Namespace, extra: list[str]) -> int:
         raise UserError(f"--max-parallel must not be negative, got {args.max_parallel}")
     out_dir = Path(args.out_dir).resolve()
     element_args = run_matbench_args(args.model, args.run_name, out_dir, extra,
-                                     args.gpus_per_node, args.requeue)
+                                     args.gpus_per_node, args.requeue, args.per_task)
     check_run_args(element_args, args.model, args.run_name, out_dir, args.requeue)
     log_dir = Path(args.log_dir).resolve() if args.log_dir else out_dir / "job-logs"
 
@@ -428,6 +467,7 @@ def submit_run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"note: {scores} holds {len(overlap)} of these pairs already; they will "
               "be rerun and overwritten (--only-missing skips them)", file=sys.stderr)
 
+    elements = group_by_task(pairs) if args.per_task else pairs
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     script_path = log_dir / f"{args.run_name}-{stamp}.sh"
     for i in range(1, 1000):  # two submissions within a second
@@ -435,8 +475,8 @@ def submit_run(args: argparse.Namespace, extra: list[str]) -> int:
             break
         script_path = log_dir / f"{args.run_name}-{stamp}-{i}.sh"
     sbatch_cmd = ["sbatch", "--parsable",
-                  *sbatch_options(args, len(pairs), log_dir), str(script_path)]
-    script = job_script(pairs, shell_command(element_args), shlex.join(sbatch_cmd),
+                  *sbatch_options(args, len(elements), log_dir), str(script_path)]
+    script = job_script(elements, shell_command(element_args), shlex.join(sbatch_cmd),
                         args.pre_cmd, args.requeue)
     if args.dry_run:
         print(f"# dry run: would write {script_path} and run\n{shlex.join(sbatch_cmd)}"
@@ -452,7 +492,7 @@ def submit_run(args: argparse.Namespace, extra: list[str]) -> int:
     except BaseException:
         script_path.unlink()  # nothing was submitted: leave no script behind
         raise
-    print(f"submitted job array {job_id}: {len(pairs)} elements of {args.model} run "
+    print(f"submitted job array {job_id}: {len(elements)} elements of {args.model} run "
           f"{args.run_name!r}\n  script: {script_path}\n  logs:   "
           f"{log_dir / f'{args.run_name}-{job_id}_<element>.log'}\n  scores: {scores}")
     print(job_id)

@@ -46,6 +46,22 @@ def test_run_folds_skips_recorded_folds_and_grid_shows_validation(featurized, tm
     assert "0 jobs" in capsys.readouterr().out
 
 
+def test_run_folds_per_task_stacks_the_missing_folds(featurized, tmp_path, capsys):
+    featurized("matbench_steels")
+    argv = ["--model", "roostformer", "--run-name", "st", "--tasks", "matbench_steels",
+            "--folds", "0", "2", "--per-task", "--out-dir", str(tmp_path), *TINY]
+    assert folds_main(argv) == 0
+    assert "1 jobs" in capsys.readouterr().out
+    scores = read_json_results(tmp_path / "model_scores" / "st.json")["matbench_steels"]
+    assert sorted(scores) == ["fold_0", "fold_2"]
+    assert all(entry["params"]["stacked_members"] == 2 for entry in scores.values())
+    assert folds_main([*argv[:-len(TINY)], "--folds", "0", "2", "3", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "1 jobs" in out and "skip st matbench_steels fold 2" in out
+    scores = read_json_results(tmp_path / "model_scores" / "st.json")["matbench_steels"]
+    assert scores["fold_3"]["params"]["stacked_members"] == 1
+
+
 def test_run_folds_bad_task(capsys):
     assert folds_main(["--model", "roostformer", "--run-name", "x", "--tasks",
                        "matbench_nope"]) == 2

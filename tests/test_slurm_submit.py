@@ -116,6 +116,9 @@ def test_model_task_selection(monkeypatch, tmp_path):
     (["--run-name", "a/b"], "--run-name 'a/b'"),
     (["--gpus-per-node", "one"], "--gpus-per-node takes a count"),
     (["--run-nam", "y"], "--run-name is set by slurm_submit.py"),
+    (["--gpus-per-node", "0", "--cuda-graphs"], "--cuda-graphs needs GPUs"),
+    (["--ensemble", "0"], "--ensemble must be at least 1"),
+    (["--fold", "1"], "--fold"),
 ])
 def test_clear_errors(monkeypatch, tmp_path, capsys, argv, message):
     for task in ("matbench_steels", "matbench_jdft2d"):
@@ -155,6 +158,19 @@ def test_only_missing_reads_the_scores_file(monkeypatch, tmp_path, capsys):
     # a run name holding another model's results is refused
     with pytest.raises(UserError, match="holds roostformer results"):
         done_pairs(scores, "wrenformer")
+
+
+def test_per_task_elements_train_their_folds_together(monkeypatch, tmp_path, capsys):
+    for task in TASKS:
+        fake_featurized(monkeypatch, tmp_path, task)
+    assert main(["--model", "roostformer", "--run-name", "pt", "--tasks", *TASKS,
+                 "--folds", "3", "1", "--per-task", "--ensemble", "2",
+                 "--out-dir", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--array=0-1 " in out
+    assert "'matbench_steels 1 3'" in out and "'matbench_jdft2d 1 3'" in out
+    assert 'read -r TASK FOLDS <<<' in out
+    assert '--task "$TASK" --folds $FOLDS ' in out and "--ensemble 2" in out
 
 
 # --- against a real SLURM cluster -------------------------------------------------
@@ -249,6 +265,25 @@ def test_array_merges_every_fold_and_only_missing_resubmits_the_rest(
     assert result.returncode == 0 and "nothing to submit" in result.stdout
 
 
+def test_per_task_array_runs_stacked_folds(slurm_cluster, featurized,
+                                           tmp_path):  # noqa: F811
+    """--per-task: one element per task trains its folds in one process."""
+    cluster = slurm_cluster
+    featurized("matbench_steels")
+    out = tmp_path / "out"
+    job_id, script = submit("--model", "roostformer", "--run-name", "pt", "--tasks",
+                            "matbench_steels", "--folds", "0", "4", "--per-task",
+                            "--ensemble", "2", "--epochs", "1", *TINY, "--out-dir",
+                            str(out), *cluster_args(cluster))
+    assert "--array=0-0 " in script
+    wait(cluster, job_id, out / "job-logs")
+    scores = read_json_results(out / "model_scores" / "pt.json")["matbench_steels"]
+    assert sorted(scores) == ["fold_0", "fold_4"], logs(out / "job-logs", job_id)
+    for entry in scores.values():
+        assert entry["params"]["stacked_members"] == 4 and entry["ensemble"] == 2
+        assert entry["params"]["slurm_array_task_id"] == "0"
+
+
 def test_sbatch_rejection_shows_its_message(
         slurm_cluster, featurized, tmp_path):  # noqa: F811
     featurized("matbench_steels")
@@ -284,7 +319,7 @@ def test_requeued_element_resumes_from_its_checkpoint(
     wait(cluster, job_id, out / "job-logs")
     log = logs(out / "job-logs", job_id)
     first, resumed = re.search(r"stopped by SIGTERM after epoch (\d+)", log), re.search(
-        r"resuming matbench_steels fold 2 from epoch (\d+)", log)
+        r"resuming matbench_steels fold_2 from epoch (\d+)", log)
     assert first and resumed and first.group(1) == resumed.group(1), log
     assert 10 <= int(resumed.group(1)) < epochs, log
     assert "restart 1" in log and "requeueing job" in log
