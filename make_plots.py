@@ -196,7 +196,10 @@ def results_markdown(table: pd.DataFrame, runs: list[Results]) -> str:
             crabnet = published[published["model"] == "CrabNet"]
             entries = list(run.info["scores"][task].values())
             params = entries[0].get("params", {})
-            seconds = np.mean([e.get("train_seconds", np.nan) for e in entries])
+            # a stacked run (--folds) trains its folds at once: its time is theirs
+            seconds = np.mean([e.get("train_seconds", np.nan)
+                               / len(e.get("params", {}).get("folds", [None]))
+                               for e in entries])
             machine = params.get("gpu") or (f"{params.get('device', '?')}, torch "
                                             f"{params.get('torch_version', '?')}")
             lines.append(
