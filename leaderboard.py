@@ -22,8 +22,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, f1_score, r2_score, roc_auc_score
-
 from mat_bench import ALL_TASKS, N_FOLDS, ROOT, TASK_INFO
 from mat_bench.data import (
     UserError,
@@ -33,13 +31,22 @@ from mat_bench.data import (
     open_maybe_gzip,
     read_json_results,
 )
+from sklearn.metrics import accuracy_score, f1_score, r2_score, roc_auc_score
 
 # --- defaults, in one place -------------------------------------------------------
 DEFAULT_SCORES_DIR = os.path.join(ROOT, "model_scores")
 DEFAULT_PREDS_DIR = os.path.join(ROOT, "model_preds")
 BENCHMARKS_ENV = "MATBENCH_BENCHMARKS_DIR"
 RESULTS_FILE = "results.json.gz"  # inside each benchmarks/matbench_v0.1_<algo>/
-OURS, MATBENCH = "ours", "matbench"  # values of the `source` column
+# values of the `source` column: our runs, published entries scored from their
+# prediction files, and published entries known by their scores only
+OURS, MATBENCH, SCORES_ONLY = "ours", "matbench", "scores only"
+LEADERBOARD_SCORES_ENV = "MATBENCH_LEADERBOARD_SCORES"
+LEADERBOARD_SCORES_FILE = "leaderboard_scores.csv"  # default: beside benchmarks/
+SCORES_ONLY_MARK = " (scores only)"  # appended to the names of such entries
+# entries that read compositions only on structure tasks (on composition tasks every
+# entry does): the fair neighbours of Roostformer (the Dummy baseline reads nothing)
+COMPOSITION_ONLY = ("CrabNet", "Finder_v1.2 composition-only version")
 MODEL_LABELS = {"roostformer": "Roostformer", "wrenformer": "Wrenformer"}
 # one row per test sample; probability is NaN where a model recorded labels only
 PRED_COLUMNS = ["task", "fold", "mbid", "target", "prediction", "probability"]
@@ -272,6 +279,61 @@ def load_runs(scores_dir: str | os.PathLike = DEFAULT_SCORES_DIR,
 
 
 # --- the published leaderboard ----------------------------------------------------
+def leaderboard_scores_path(benchmarks: Path, path: str | os.PathLike | None = None
+                            ) -> Path | None:
+    """The whole published leaderboard's scores (a CSV of task, algorithm,
+    benchmark_folder, metric, mean, std): `path`, else $MATBENCH_LEADERBOARD_SCORES,
+    else leaderboard_scores.csv beside the benchmarks folder; None if there is none
+    (only `path` or the variable must exist)."""
+    given = path or os.environ.get(LEADERBOARD_SCORES_ENV)
+    if given:
+        if not Path(given).is_file():
+            raise UserError(f"leaderboard scores {given} not found: pass "
+                            f"--leaderboard-scores or set {LEADERBOARD_SCORES_ENV} "
+                            f"to a {LEADERBOARD_SCORES_FILE}")
+        return Path(given)
+    beside = benchmarks.parent / LEADERBOARD_SCORES_FILE
+    return beside if beside.is_file() else None
+
+
+def scores_only_entries(path: Path, loaded_keys: set[str],
+                        tasks: list[str] | None = None) -> pd.DataFrame:
+    """Rows in task_scores' layout for the published entries of the scores CSV whose
+    predictions are not among `loaded_keys` (benchmark folder names): 5 folds,
+    the leaderboard's mean and std of the task's metric, and the scaled error
+    from that mean. Their names end in SCORES_ONLY_MARK."""
+    try:
+        csv = pd.read_csv(path)
+        csv = csv[["task", "algorithm", "benchmark_folder", "metric", "mean", "std"]]
+    except Exception as exc:
+        raise UserError(f"leaderboard scores {path} are unreadable "
+                        f"({type(exc).__name__}: {exc}): expected the columns task, "
+                        "algorithm, benchmark_folder, metric, mean, std") from exc
+    rows = []
+    for row in csv.itertuples():
+        if row.task not in TASK_INFO or (tasks and row.task not in tasks):
+            continue
+        if row.benchmark_folder in loaded_keys or row.metric != task_metric(row.task):
+            continue
+        rows.append({"name": row.algorithm + SCORES_ONLY_MARK, "task": row.task,
+                     "source": SCORES_ONLY, "key": row.benchmark_folder,
+                     "n_folds": N_FOLDS, "n_test": np.nan, row.metric: row.mean,
+                     f"{row.metric}_std": row.std,
+                     "scaled_error": scaled_error(row.task, {row.metric: row.mean}),
+                     "partial": False})
+    return pd.DataFrame(rows)
+
+
+def is_composition_only(name: str, task: str) -> bool:
+    """Whether a published entry reads compositions only on this task (the Dummy
+    baseline, which reads nothing, does not count)."""
+    base = name.removesuffix(SCORES_ONLY_MARK)
+    if base == "Dummy":
+        return False
+    return TASK_INFO[task][2] == "composition" or base in COMPOSITION_ONLY
+
+
+
 def benchmarks_dir(path: str | os.PathLike | None) -> Path:
     """The leaderboard folder: `path` if given, else $MATBENCH_BENCHMARKS_DIR; it
     must hold at least one <entry>/results.json.gz."""

@@ -13,7 +13,14 @@ model_preds/ (test predictions); a run may be partial (missing folds), and is sh
 as such. The leaderboard is a clone of the matbench repository's benchmarks/ folder
 (--benchmarks-dir or $MATBENCH_BENCHMARKS_DIR). Every model, ours and published, is
 scored from its recorded predictions on Matbench's folds by the same code; the
-published scores are cached in OUT_DIR/leaderboard_cache.json.
+published scores are cached in OUT_DIR/leaderboard_cache.json. Published entries
+whose predictions are not in that folder (MODNet, coGN, the kgcnn models, ...) come
+from the whole leaderboard's scores (--leaderboard-scores, by default
+leaderboard_scores.csv beside the benchmarks folder): they are ranked in the tables,
+the scaled-error figure and the heatmap by their published mean, and named
+"... (scores only)"; they have no parity or ROC plots. The README table ranks each
+of our runs as "k of N" among all published entries and itself, next to the best
+published entry, the best composition-only entry and CrabNet.
 
 Outputs in OUT_DIR: index.html (the report), leaderboard.{csv,md}, and .html/.png of
 leaderboard (scaled error per task), heatmap (models x tasks), parity_<task>
@@ -33,25 +40,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import pandas as pd
 import plotly.graph_objects as go
-
 from mat_bench import ALL_TASKS, N_FOLDS, ROOT, TASK_INFO
 from mat_bench.data import UserError, atomic_path, check_task
 from mat_bench.leaderboard import (
     BENCHMARKS_ENV,
     DEFAULT_PREDS_DIR,
     DEFAULT_SCORES_DIR,
+    LEADERBOARD_SCORES_ENV,
+    LEADERBOARD_SCORES_FILE,
     MATBENCH,
     OURS,
     Results,
     benchmarks_dir,
+    is_composition_only,
     leaderboard_fold_scores,
+    leaderboard_scores_path,
     load_leaderboard,
     load_runs,
     rank_table,
     score_results,
+    scores_only_entries,
     task_scores,
 )
 from mat_bench.plotting_functions import (
@@ -86,7 +96,7 @@ def heatmap_models(per_task: pd.DataFrame, tasks: list[str]) -> list[str]:
     need = math.ceil(len(tasks) / 2)
     shared = per_task[per_task["task"].isin(tasks)].groupby("name")["task"].nunique()
     ours = per_task.loc[per_task["source"] == OURS, "name"].unique().tolist()
-    published = per_task.loc[per_task["source"] == MATBENCH, "name"].unique()
+    published = per_task.loc[per_task["source"] != OURS, "name"].unique()
     return ours + [name for name in published if shared.get(name, 0) >= need]
 
 
@@ -184,16 +194,21 @@ def results_markdown(table: pd.DataFrame, runs: list[Results]) -> str:
     """Our runs next to the leaderboard, one row per (task, run): our score, its rank,
     the best published entry and CrabNet, with epochs, training time per fold and the
     machine, all read from the result files."""
-    lines = ["| task | model | folds | ours | rank | best published | CrabNet | epochs "
-             "| train time per fold | machine |",
-             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    lines = ["| task | model | folds | ours | rank | best published | best "
+             "composition-only | CrabNet | epochs | train time per fold | machine |",
+             "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | --- |"]
     for run in runs:
         for task in run.tasks:
             sub = table[table["task"] == task]
             ours = sub[(sub["source"] == OURS) & (sub["model"] == run.name)].iloc[0]
             published = sub[sub["source"] != OURS]
             best = published.iloc[0] if len(published) else None
+            comp = published[[is_composition_only(m, task) for m in published["model"]]]
+            best_comp = (f"{comp.iloc[0]['model']} {fmt(comp.iloc[0])}" if len(comp)
+                         else "–")
             crabnet = published[published["model"] == "CrabNet"]
+            # rank among the published entries and this run alone
+            rank = 1 + int((published["scaled_error"] < ours["scaled_error"]).sum())
             entries = list(run.info["scores"][task].values())
             params = entries[0].get("params", {})
             # a stacked run (--folds) trains its folds at once: its time is theirs
@@ -204,9 +219,9 @@ def results_markdown(table: pd.DataFrame, runs: list[Results]) -> str:
                                             f"{params.get('torch_version', '?')}")
             lines.append(
                 f"| {task} | {run.name} | {ours['folds']} | {fmt(ours)} ± "
-                f"{ours['std']:.2g} | {ours['rank']}/{len(sub)} | "
+                f"{ours['std']:.2g} | {rank} of {len(published) + 1} | "
                 + (f"{best['model']} {fmt(best)}" if best is not None else "–")
-                + f" | {fmt(crabnet.iloc[0]) if len(crabnet) else '–'} | "
+                + f" | {best_comp} | {fmt(crabnet.iloc[0]) if len(crabnet) else '–'} | "
                 f"{params.get('epochs', '?')} | {seconds:.0f} s | {machine} |")
     return "\n".join(lines)
 
@@ -306,6 +321,7 @@ def make_plots(
     peers: list[str] | None = None,
     tasks: list[str] | None = None,
     png: bool = True,
+    leaderboard_scores: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Build everything into out_dir and return {"table": ranked leaderboard,
     "heatmap": heatmap table, "per_task": scores per model and task, "files": paths
@@ -314,6 +330,7 @@ def make_plots(
     for task in tasks or []:
         check_task(task)
     folder = benchmarks_dir(benchmarks)
+    scores_csv = leaderboard_scores_path(folder, leaderboard_scores)
     out_dir = Path(out_dir)
     our_runs = load_runs(scores_dir, preds_dir, runs)
     if tasks:
@@ -329,6 +346,10 @@ def make_plots(
     fold_scores = pd.concat([score_results(our_runs), published_scores],
                             ignore_index=True)
     per_task = task_scores(fold_scores)
+    if scores_csv is not None:  # the entries without prediction files, by score
+        loaded = set(per_task.loc[per_task["source"] == MATBENCH, "key"])
+        per_task = pd.concat([per_task, scores_only_entries(scores_csv, loaded, tasks)],
+                             ignore_index=True)
     table = rank_table(per_task, shown)
 
     published_names = per_task.loc[per_task["source"] == MATBENCH, ["name", "key"]]
@@ -364,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--benchmarks-dir", default=None,
                         help="matbench's benchmarks/ folder "
                         f"(default: ${BENCHMARKS_ENV})")
+    parser.add_argument("--leaderboard-scores", default=None,
+                        help="the whole published leaderboard's scores, a CSV of task, "
+                        "algorithm, benchmark_folder, metric, mean, std (default: "
+                        f"${LEADERBOARD_SCORES_ENV}, else {LEADERBOARD_SCORES_FILE} "
+                        "beside the benchmarks folder); entries without prediction "
+                        "files are ranked by these scores")
     parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
                         help="where the report and figures go (default: plots/)")
     parser.add_argument("--runs", nargs="+", metavar="NAME",
@@ -384,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = make_plots(args.scores_dir, args.preds_dir, args.benchmarks_dir,
                          args.out_dir, args.runs, args.peers, args.tasks,
-                         png=not args.no_png)
+                         png=not args.no_png,
+                         leaderboard_scores=args.leaderboard_scores)
         if args.readme:
             update_readme(Path(ROOT) / "README.md",
                           (Path(args.out_dir) / "results.md").read_text())

@@ -170,6 +170,54 @@ def test_table_ranks_our_rows_among_published(plots):
     assert "## matbench_steels" in markdown
 
 
+def test_whole_leaderboard_ranks_entries_without_predictions(plots):
+    """Entries known by their published scores only (leaderboard_scores.csv beside
+    the benchmarks folder) are ranked with the rest and marked; the README table
+    ranks our run as "k of N" among every published entry, next to the best
+    composition-only one."""
+    out_dir, result = plots
+    csv = pd.read_csv(benchmarks().parent / "leaderboard_scores.csv")
+    table = pd.read_csv(out_dir / "leaderboard.csv")
+    steels = table[table["task"] == STEELS]
+    modnet = steels[steels["model"] == "MODNet (v0.1.12) (scores only)"]
+    assert modnet["source"].item() == "scores only"
+    assert modnet["mean"].item() == pytest.approx(87.7627)
+    # every published steels entry once: scored from predictions or by its score
+    published = steels[steels["source"] != "ours"]
+    assert len(published) == (csv["task"] == STEELS).sum()
+    loaded = set(result["per_task"].query("source == 'matbench'")["key"])
+    assert not set(result["per_task"].query("source == 'scores only'")["key"]) & loaded
+    ours = steels[steels["source"] == "ours"].iloc[0]
+    rank = 1 + int((published["scaled_error"] < ours["scaled_error"]).sum())
+    results = (out_dir / "results.md").read_text()
+    row = next(line for line in results.splitlines() if line.startswith(f"| {STEELS}"))
+    assert f"| {rank} of {len(published) + 1} |" in row
+    best = published.iloc[0]  # on a composition task every entry is composition-only
+    assert row.count(f"{best['model']} {best['mean']:.4g}") == 2
+    html = (out_dir / "leaderboard.html").read_text()
+    assert "MODNet (v0.1.12) (scores only)" in html
+
+
+def test_composition_only_entries():
+    from mat_bench.leaderboard import is_composition_only
+
+    assert is_composition_only("CrabNet", "matbench_phonons")
+    assert is_composition_only("Finder_v1.2 composition-only version (scores only)",
+                               "matbench_mp_gap")
+    assert not is_composition_only("coGN (scores only)", "matbench_mp_gap")
+    assert is_composition_only("MODNet (v0.1.12) (scores only)", STEELS)
+    assert not is_composition_only("Dummy", STEELS)
+
+
+def test_missing_leaderboard_scores_file_says_what_to_do(real_run, tmp_path, capsys):
+    code, err = run_cli(["--scores-dir", real_run / "model_scores", "--preds-dir",
+                         real_run / "model_preds", "--tasks", STEELS, "--out-dir",
+                         tmp_path / "out", "--leaderboard-scores",
+                         tmp_path / "none.csv", "--no-png"], capsys)
+    assert code == 2 and "--leaderboard-scores" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_heatmap_sorted_by_the_mean_over_common_tasks(plots):
     _, result = plots
     table = result["heatmap"]
