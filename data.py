@@ -22,6 +22,7 @@ from filelock import FileLock
 from mat_bench import ALL_TASKS, DATA_PATHS, N_FOLDS, TASK_INFO
 
 RAW_DIR_ENV = "MATBENCH_RAW_DIR"
+DOWNLOAD_TIMEOUT_S = 60  # per socket operation of a download: no network never hangs
 
 
 class UserError(Exception):
@@ -87,6 +88,21 @@ def mbids(task: str, n_rows: int) -> list[str]:
     return [f"{prefix}-{idx + 1:0{n_digits}d}" for idx in range(n_rows)]
 
 
+@contextlib.contextmanager
+def socket_timeout(seconds: float) -> Iterator[None]:
+    """Give sockets opened inside the block (matminer's download, which sets no
+    timeout of its own) a timeout, so that a network that drops packets fails
+    instead of hanging."""
+    import socket
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def load_raw_task(task: str) -> pd.DataFrame:
     """Load a Matbench task as a DataFrame indexed by mbid with columns `composition`
     (formula string), `target` and, where the structures are available, `structure`
@@ -106,7 +122,8 @@ def load_raw_task(task: str) -> pd.DataFrame:
         else:
             from matbench.data_ops import load
 
-            df = load(task)
+            with socket_timeout(DOWNLOAD_TIMEOUT_S):
+                df = load(task)
     except UserError:
         raise
     except Exception as exc:  # corrupt file or failed download

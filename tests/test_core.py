@@ -370,15 +370,26 @@ def test_unknown_task_in_featurize(capsys):
 
 
 def test_missing_raw_data_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setenv("MATBENCH_RAW_DIR", str(tmp_path))
+    """A task with no local copy goes to matminer's download, under a socket
+    timeout (a silent network fails instead of hanging), and a failed download says
+    where to put the local copy."""
+    import socket
+
     import matbench.data_ops
 
+    from mat_bench.data import DOWNLOAD_TIMEOUT_S
+
+    monkeypatch.setenv("MATBENCH_RAW_DIR", str(tmp_path))
+    before = socket.getdefaulttimeout()
+
     def no_network(name):
+        assert socket.getdefaulttimeout() == DOWNLOAD_TIMEOUT_S
         raise ConnectionError("no network")
 
     monkeypatch.setattr(matbench.data_ops, "load", no_network)
     with pytest.raises(UserError, match="set MATBENCH_RAW_DIR"):
         load_raw_task("matbench_steels")
+    assert socket.getdefaulttimeout() == before
 
 
 def test_corrupt_raw_file(monkeypatch, tmp_path):
