@@ -11,6 +11,7 @@ import gzip
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,9 +47,9 @@ def check_fold(fold: int) -> None:
 
 # --- atomic files -----------------------------------------------------------------
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path beside `path` and move it onto `path` only if the
-    block finishes: a killed or failed writer never leaves a half-written file."""
+def temp_beside(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a new temporary file's path in `path`'s folder (made if missing), with
+    the permissions of a normal file; it is removed at the end unless moved away."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -58,10 +59,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are shared files
     try:
         yield tmp
-        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside `path` and move it onto `path` only if the
+    block finishes: a killed or failed writer never leaves a half-written file."""
+    with temp_beside(path) as tmp:
+        yield tmp
+        os.replace(tmp, path)
 
 
 # --- raw Matbench data ------------------------------------------------------------
@@ -207,10 +216,18 @@ def read_json_results(path: str | os.PathLike) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(
             f"{path} is not valid JSON ({exc}); refusing to touch it: repair or move "
-            "it, or pass another --run-name"
+            "it"
         ) from exc
     if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object; repair or move it")
+        raise UserError(f"{path} does not hold a JSON object: repair or move it")
+    for task, folds in data.items():  # task -> fold_k -> entry
+        if not isinstance(folds, dict) or not all(
+                re.fullmatch(r"fold_\d+", str(key)) and isinstance(entry, dict)
+                for key, entry in folds.items()):
+            raise UserError(
+                f"{path} is not a results file (its {task!r} should map fold_0 .. "
+                "fold_4 to entries): refusing to touch it, repair or move it"
+            )
     return data
 
 
@@ -243,6 +260,52 @@ def merge_fold_result(
         data.setdefault(task, {})[f"fold_{fold}"] = entry
 
     update_json_results(path, update, indent)
+
+
+def merge_fold_results(preds_path: str | os.PathLike, scores_path: str | os.PathLike,
+                       task: str, folds: dict[int, tuple[dict, dict]]) -> None:
+    """Merge folds' (predictions entry, scores entry) into a run's two files as one
+    transaction. Under one lock (the scores file's) both files are read, updated
+    and written in full to temporary files, then moved into place back to back,
+    predictions first, with SIGINT and SIGTERM held off. Predictions whose scores
+    are missing (only a SIGKILL in that instant leaves some) are dropped by the next
+    merge, so both files hold the same folds. Temporary files a killed writer left
+    are removed."""
+    preds_path, scores_path = Path(preds_path), Path(scores_path)
+    scores_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{scores_path}.lock", timeout=600):
+        for path in (preds_path, scores_path):  # under the lock, temporary files are
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a killed writer's
+                stale.unlink(missing_ok=True)
+        _merge_locked(preds_path, scores_path, task, folds)
+
+
+def _merge_locked(preds_path: Path, scores_path: Path, task: str,
+                  folds: dict[int, tuple[dict, dict]]) -> None:
+    import signal
+
+    with temp_beside(preds_path) as preds_tmp, temp_beside(scores_path) as scores_tmp:
+        preds, scores = read_json_results(preds_path), read_json_results(scores_path)
+        for fold, (preds_entry, scores_entry) in folds.items():
+            preds.setdefault(task, {})[f"fold_{fold}"] = preds_entry
+            scores.setdefault(task, {})[f"fold_{fold}"] = scores_entry
+        for name in list(preds):  # orphans: no scores, so the fold counts as missing
+            for key in [k for k in preds[name] if k not in scores.get(name, {})]:
+                del preds[name][key]
+            if not preds[name]:
+                del preds[name]
+        with open(preds_tmp, "w") as file:
+            json.dump(preds, file, separators=(",", ":"))
+            file.write("\n")
+        with open(scores_tmp, "w") as file:
+            json.dump(scores, file, indent=1)
+            file.write("\n")
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            os.replace(preds_tmp, preds_path)
+            os.replace(scores_tmp, scores_path)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def open_maybe_gzip(path: str | os.PathLike) -> Any:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import warnings
@@ -25,10 +26,9 @@ from collections.abc import Sequence
 from functools import partial
 
 import pandas as pd
-from tqdm import tqdm
-
 from mat_bench import ALL_TASKS, DATA_PATHS, TASK_INFO
 from mat_bench.data import UserError, atomic_path, check_task, load_raw_task
+from tqdm import tqdm
 
 # defaults in one place
 SYMPREC = 0.1
@@ -71,7 +71,7 @@ def label_structures(structures: Sequence, backend: str = BACKEND,
     if workers <= 1:
         return [func(s) for s in tqdm(structures, desc=desc, mininterval=2)]
     ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
-    with ctx.Pool(workers) as pool:
+    with ctx.Pool(workers, initializer=_ignore_sigint) as pool:
         return list(tqdm(pool.imap(func, structures, chunksize=chunksize),
                          total=len(structures), desc=desc, mininterval=2))
 
@@ -130,6 +130,11 @@ def featurize(tasks: Sequence[str] = ALL_TASKS, force: bool = False,
     return summary.reindex(columns=[c for c in cols if c in summary])
 
 
+def _ignore_sigint() -> None:
+    """Labelling workers leave Ctrl-C to the main process, which stops them all."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -151,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # tasks already written are complete; none is half-written
+        print("stopped by SIGINT (Ctrl-C): the tasks written so far are complete, the "
+              "current one was not written; rerun to go on", file=sys.stderr)
+        return 130
     print(summary.to_string(na_rep=""))
     return 0
 

@@ -11,10 +11,12 @@ The folder holds what the matbench repository's benchmarks/ entries hold:
   MatbenchBenchmark / MatbenchTask.record (which also scores them), gzip-compressed;
   class-1 probabilities for classification tasks.
 - info.json: authors, algorithm, algorithm_long, bibtex_refs, notes, requirements.
-- source/: the code that produced the predictions (this repository's scripts).
+- the code that produced the predictions: this repository's scripts, at the top
+  level, where matbench's submission check looks for *.py files.
 Only tasks with all 5 folds can be submitted: incomplete tasks are listed on stderr
 and in info.json's notes. The folder is written whole (or left as it was) and then
-reloaded through matbench, which must find it valid.
+reloaded through matbench, which must find it valid. Rewriting a previous
+submission keeps any other file the user put in the folder (and says so).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from mat_bench.leaderboard import (
 # --- defaults, in one place -------------------------------------------------------
 RESULTS_NAME = "results.json.gz"
 INFO_NAME = "info.json"
-SOURCE_DIR = "source"
+LEGACY_SOURCE_DIR = "source"  # where earlier versions put the scripts
 SOURCE_GLOBS = ("*.py", "requirements.txt", "pyproject.toml")  # from the repo root
 INFO_FIELDS = ("authors", "algorithm", "algorithm_long", "bibtex_refs", "notes",
                "requirements")  # what Matbench requires in info.json
@@ -264,16 +266,22 @@ def copy_source(dest: Path) -> list[str]:
     return names
 
 
-def replace_folder(new: Path, out_dir: Path) -> None:
-    """Move a finished folder onto out_dir, replacing a previous submission."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
+def replace_folder(new: Path, out_dir: Path, ours: set[str]) -> list[str]:
+    """Move a finished folder onto out_dir, replacing a previous submission: files
+    of ours (named in `ours`) are replaced, anything else in the old folder moves
+    into the new one. Returns the names kept."""
+    if not out_dir.exists():
         os.replace(new, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out_dir)
+        return []
+    kept = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
+    for name in kept:
+        os.replace(out_dir / name, new / name)
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out_dir, old)
+    os.replace(new, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return kept
 
 
 # --- the script -------------------------------------------------------------------
@@ -317,11 +325,14 @@ def make_submission(
         with open(tmp / INFO_NAME, "w") as file:
             json.dump(info, file, indent=4)
             file.write("\n")
-        copy_source(tmp / SOURCE_DIR)
+        sources = copy_source(tmp)
         load_submission(tmp)  # matbench must accept it before it replaces anything
-        replace_folder(tmp, out_dir)
+        ours = {RESULTS_NAME, INFO_NAME, LEGACY_SOURCE_DIR, *sources}
+        kept = replace_folder(tmp, out_dir, ours)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if kept:
+        warnings.append(f"kept your other files in {out_dir}: {', '.join(kept)}")
     return {"tasks": tasks, "incomplete": incomplete, "folder": out_dir,
             "warnings": warnings}
 

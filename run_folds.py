@@ -34,7 +34,13 @@ import pandas as pd
 
 from mat_bench import ALL_TASKS, N_FOLDS, ROOT, TASK_INFO
 from mat_bench.data import UserError, check_fold, check_task, read_json_results
-from mat_bench.slurm_submit import done_pairs, scores_path
+from mat_bench.run_matbench import check_run_name
+from mat_bench.slurm_submit import (
+    check_run_args,
+    done_pairs,
+    run_matbench_args,
+    scores_path,
+)
 
 
 def grid_runs(run_name: str, grid: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -98,6 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.parallel < 1:
             raise UserError("--parallel must be at least 1")
         runs = grid_runs(args.run_name, args.grid)
+        for name, flags in runs:  # every job's flags, checked before any job starts
+            check_run_name(name)
+            check_run_args(run_matbench_args(args.model, name, out_dir,
+                                             [*flags, *passthrough], "0", False,
+                                             args.per_task),
+                           args.model, name, out_dir, False)
         done = {name: done_pairs(scores_path(out_dir, name), args.model)
                 for name, _ in runs}
         jobs = []

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -45,7 +47,7 @@ from mat_bench.data import (
     check_task,
     get_fold_ids,
     load_featurized,
-    merge_fold_result,
+    merge_fold_results,
     read_json_results,
 )
 
@@ -69,6 +71,15 @@ DEFAULTS: dict[str, Any] = {
     "amp": None,  # bf16 compute, fp32 master weights: None = on for CUDA, off for CPU
 }
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+
+
+class Stopped(Exception):
+    """A run stopped by a signal; `code` is the exit status (130 Ctrl-C, 143
+    SIGTERM)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def default_run_name(model: str) -> str:
@@ -105,8 +116,21 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
                         f"--n-heads {params['n_heads']}")
     if not 0 <= params["val_fraction"] < 0.5:
         raise UserError("--val-fraction must be in [0, 0.5)")
-    if params["learning_rate"] <= 0:
-        raise UserError("--learning-rate must be positive")
+    ranges = {  # flag: (lowest, highest, highest included), all finite
+        "learning_rate": (0.0, math.inf, False), "weight_decay": (0.0, math.inf, False),
+        "warmup_frac": (0.0, 1.0, True), "dropout": (0.0, 1.0, False),
+        "seed": (0, math.inf, False)}
+    for key, (low, high, high_ok) in ranges.items():
+        value = params[key]
+        above_low = value > low if key == "learning_rate" else value >= low
+        below_high = value <= high if high_ok else value < high
+        if not (math.isfinite(value) and above_low and below_high):
+            flag = f"--{key.replace('_', '-')}"
+            want = {"learning_rate": "a finite number above 0",
+                    "weight_decay": "a finite number, 0 or more",
+                    "warmup_frac": "in [0, 1]", "dropout": "in [0, 1)",
+                    "seed": "a whole number, 0 or more"}[key]
+            raise UserError(f"{flag} must be {want}, got {value}")
     if params["frac_encoding"] < 0 or params["frac_encoding"] % 4:
         raise UserError("--frac-encoding must be 0 or a positive multiple of 4")
     bad_aggs = set(params["embedding_aggregations"]) - {"mean", "std", "sum", "min",
@@ -118,6 +142,36 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
         raise UserError("--wandb must be disabled, offline or online")
     if checkpoint not in ("none", "local"):
         raise UserError("--checkpoint must be none or local")
+
+
+RUN_NAME_PATTERN = r"[\w+@=-][\w.+@=-]*"  # a plain file name: no path, no leading dot
+
+
+def check_run_name(run_name: str) -> None:
+    """Raise UserError unless run_name can name the results files."""
+    if not re.fullmatch(RUN_NAME_PATTERN, run_name):
+        raise UserError(f"--run-name {run_name!r} must be a plain file name: letters, "
+                        "digits and . _ - + @ =, not starting with a dot")
+
+
+def check_device(device: str | None) -> None:
+    """Raise UserError for a device torch cannot train on here."""
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device {device!r} is not supported: use cpu or cuda "
+                        "(cuda:N for the N-th GPU)")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Raise UserError unless out_dir is (or can be made) a writable folder."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"--out-dir {out_dir}: {existing} is a file, not a folder: "
+                        "choose another --out-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir {out_dir}: {existing} is not writable: choose "
+                        "another --out-dir")
 
 
 def check_folds(folds: Sequence[int], ensemble: int) -> None:
@@ -137,6 +191,16 @@ def load_task(model: str, task: str, folds: Sequence[int]
     """The task's featurized rows, the model's input column and each fold's
     Matbench (training ids, test ids)."""
     df = load_featurized(task)
+    rebuild = f"rebuild it with `python featurize_matbench.py --tasks {task} --force`"
+    if df.index.duplicated().any():
+        raise UserError(f"{df.index.duplicated().sum()} Matbench ids of {task} appear "
+                        f"more than once in its featurized file: {rebuild}")
+    target = pd.to_numeric(df["target"], errors="coerce")
+    if target.isna().any():
+        bad = df.index[target.isna()][0]
+        raise UserError(f"{task}'s featurized file has a missing or non-numeric target "
+                        f"(first at {bad}): {rebuild}")
+    df["target"] = target
     fold_ids = {fold: get_fold_ids(task, fold) for fold in folds}
     needed = {mbid for train, test in fold_ids.values() for mbid in (*train, *test)}
     missing = needed.difference(df.index)
@@ -265,11 +329,11 @@ def fold_results(fold: int, members: Sequence[Any], member_preds: Sequence[np.nd
         fit_mean = rows.target.iloc[member.fit_idx].mean()
         preds[m, ~test_ok] = (fit_mean if task_type == "regression"
                               else float(fit_mean >= CLASS_THRESHOLD))
+    if not np.isfinite(preds).all():
+        raise UserError(f"training diverged: fold {fold}'s test predictions are not "
+                        "all finite; try a lower --learning-rate")
     mean = preds.mean(axis=0)
     scores = score(targets, mean, task_type)
-    if not np.isfinite(list(scores.values())).all():
-        raise RuntimeError(f"non-finite test scores {scores}: training diverged "
-                           "(try a lower --learning-rate)")
     entry: dict[str, Any] = {**scores, "ensemble": len(members)}
     if len(members) > 1:
         entry["members"] = [
@@ -321,8 +385,11 @@ def run_matbench(
     check_folds(folds, ensemble)
     for fold in folds:
         check_args(model, task, fold, params, wandb, checkpoint)
-    run_name = run_name or default_run_name(model)
+    check_device(device)
+    run_name = default_run_name(model) if run_name is None else run_name
+    check_run_name(run_name)
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)
     scores_path = out_dir / "model_scores" / f"{run_name}.json"
     preds_path = out_dir / "model_preds" / f"{run_name}.json"
     for path in (scores_path, preds_path):  # refuse unreadable files before training
@@ -355,8 +422,13 @@ def run_matbench(
                         "drop --cuda-graphs")
     t_start = time.perf_counter()
     target_dtype = np.int64 if task_type == "classification" else np.float32
-    data = TaskData(tokenize(model, list(rows[input_col])),
-                    rows.target.to_numpy().astype(target_dtype), dev)
+    try:
+        tokens = tokenize(model, list(rows[input_col]))
+    except ValueError as exc:
+        raise UserError(f"{task}'s featurized file holds an input {model} cannot "
+                        f"read: {exc}; rebuild it with `python featurize_matbench.py "
+                        f"--tasks {task} --force`") from exc
+    data = TaskData(tokens, rows.target.to_numpy().astype(target_dtype), dev)
     prep_seconds = time.perf_counter() - t_start
 
     # 3. model and optimizer state, resumed from a checkpoint if one exists
@@ -400,15 +472,26 @@ def run_matbench(
     }
     wandb_run = setup_wandb(wandb, wandb_project, wandb_entity,
                             f"{run_name}-{task}-{fold_tag(folds)}", run_params, out_dir)
-    stop_requested: list[bool] = []
-    previous_handler = None
-    if checkpoint == "local":  # SLURM time limit, preemption: checkpoint and exit
-        previous_handler = signal.signal(
-            signal.SIGTERM, lambda *_: stop_requested.append(True))
     last_metrics: dict[str, Any] = {}
+    stop_requested: list[int] = []  # the signal asking to stop after this epoch
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        """Ctrl-C (SIGINT) or SIGTERM (SLURM's time limit, preemption): with
+        checkpoints, finish the epoch, save and stop; else, or if asked twice, stop
+        at once."""
+        if checkpoint != "local" or stop_requested:
+            raise Stopped(f"stopped by {signal.Signals(signum).name} during epoch "
+                          f"{state.epoch + 1}; nothing saved", 128 + signum)
+        stop_requested.append(signum)
+        print(f"{signal.Signals(signum).name}: saving a checkpoint after this epoch, "
+              "then stopping (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
 
     def on_epoch_end(epoch: int, metrics: dict[str, Any]) -> bool:
         last_metrics.update(metrics)
+        if not math.isfinite(metrics["train_loss"]):
+            raise UserError(f"training diverged: the training loss is "
+                            f"{metrics['train_loss']} after epoch {epoch}; try a lower "
+                            "--learning-rate")
         if wandb_run is not None:
             wandb_run.log({"epoch": epoch, **{k: v for k, v in metrics.items()
                                               if not isinstance(v, list)}})
@@ -418,16 +501,24 @@ def run_matbench(
         return bool(stop_requested)
 
     # 5. train
+    handlers = {sig: signal.signal(sig, on_signal)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         train(state, data, cfg, on_epoch_end=on_epoch_end, progress=progress)
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-    if stop_requested:
+    except BaseException:
         if wandb_run is not None:
-            wandb_run.finish(exit_code=143)
-        raise SystemExit(f"stopped by SIGTERM after epoch {state.epoch}: checkpoint "
-                         f"saved to {ckpt_path}; rerun the same command to resume")
+            wandb_run.finish(exit_code=1)
+        raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stop_requested:
+        signum = stop_requested[0]
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=128 + signum)
+        raise Stopped(f"stopped by {signal.Signals(signum).name} after epoch "
+                      f"{state.epoch}: checkpoint saved to {ckpt_path}; rerun the "
+                      "same command to resume", 128 + signum)
 
     # 6. predict each fold's test set and write its results
     metric = "mae" if task_type == "regression" else "rocauc"
@@ -460,8 +551,7 @@ def run_matbench(
             "finished": datetime.datetime.now().isoformat(timespec="seconds"),
             "params": run_params,
         })
-        merge_fold_result(preds_path, task, fold, preds_entry, indent=None)
-        merge_fold_result(scores_path, task, fold, entry)
+        merge_fold_results(preds_path, scores_path, task, {fold: (preds_entry, entry)})
         entries[fold] = entry
         print(f"{model} {task} fold {fold}: test {metric} = {entry[metric]:.4g}"
               f"{f' (ensemble of {ensemble})' if ensemble > 1 else ''}", flush=True)
@@ -538,6 +628,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:  # Ctrl-C before or after training
+        print("stopped by SIGINT (Ctrl-C); no results written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -56,6 +56,7 @@ from typing import Any
 import pandas as pd
 from mat_bench import ALL_TASKS, DATA_PATHS, N_FOLDS, ROOT, STRUCTURE_TASKS
 from mat_bench.data import UserError, check_fold, check_task, read_json_results
+from mat_bench.run_matbench import check_run_name
 
 # sbatch defaults in one place; every one has a flag
 DEFAULTS: dict[str, Any] = {
@@ -198,7 +199,7 @@ def check_run_args(args: Sequence[str], model: str, run_name: str,
     """Check an element's run_matbench.py arguments (from run_matbench_args) with its
     own parser and argument checks, so that a typo fails here, not in every element."""
     from mat_bench.run_matbench import DEFAULTS as RUN_DEFAULTS
-    from mat_bench.run_matbench import build_parser, check_args
+    from mat_bench.run_matbench import build_parser, check_args, check_device
 
     task = ALL_TASKS[0] if model == "roostformer" else STRUCTURE_TASKS[0]
     parser = build_parser()
@@ -236,6 +237,7 @@ def check_run_args(args: Sequence[str], model: str, run_name: str,
     params = {key: getattr(ns, key) for key in RUN_DEFAULTS}
     params["embedding_aggregations"] = tuple(params["embedding_aggregations"])
     check_args(model, task, 0, params, ns.wandb, ns.checkpoint)
+    check_device(ns.device)
 
 
 def shell_command(args: Sequence[str]) -> str:
@@ -435,12 +437,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def submit_run(args: argparse.Namespace, extra: list[str]) -> int:
     """Everything main does after parsing (`extra`: flags for run_matbench.py);
     raises UserError."""
-    if not re.fullmatch(r"[\w.+@-]+", args.run_name):
-        raise UserError(f"--run-name {args.run_name!r} may hold only letters, digits "
-                        "and . _ - + @ (it names files)")
+    check_run_name(args.run_name)
     if not re.fullmatch(r"([\w.-]+:)?\d+", args.gpus_per_node):
         raise UserError(f"--gpus-per-node takes a count or TYPE:COUNT (a100:1), got "
                         f"{args.gpus_per_node!r}")
+    if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}|\d+-\d+", args.time):
+        raise UserError(f"--time takes SLURM's format (MINUTES, HH:MM:SS, D-HH, "
+                        f"D-HH:MM:SS), got {args.time!r}")
+    if args.mem and not re.fullmatch(r"\d+[KMGT]?", args.mem):
+        raise UserError(f"--mem takes a size such as 16G or 4000M (or '' for the "
+                        f"cluster's default), got {args.mem!r}")
     if args.grace < 0:
         raise UserError(f"--grace must not be negative, got {args.grace}")
     if args.cpus_per_task < 1:

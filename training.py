@@ -111,10 +111,14 @@ def tokenize_compositions(formulas: Sequence[str]) -> Tokens:
     elem_index, _ = element_vocab()
     parsed: dict[str, tuple[list[int], list[float]]] = {}
     for formula in set(formulas):
-        amounts = Composition(formula).get_el_amt_dict()
-        total = sum(amounts.values())
-        parsed[formula] = ([elem_index[el] for el in amounts],
-                           [amt / total for amt in amounts.values()])
+        try:
+            amounts = Composition(formula).get_el_amt_dict()
+            total = sum(amounts.values())
+            parsed[formula] = ([elem_index[el] for el in amounts],
+                               [amt / total for amt in amounts.values()])
+        except (KeyError, ValueError, TypeError, ZeroDivisionError) as exc:
+            raise ValueError(f"cannot read composition {formula!r} "
+                             f"({type(exc).__name__}: {exc})") from exc
     elems, fracs = zip(*(parsed[f] for f in formulas), strict=True)
     length = np.array([len(e) for e in elems])
     return Tokens(_pad(elems, np.int64), _pad(fracs, np.float32), None,
@@ -130,7 +134,11 @@ def tokenize_protostructures(labels: Sequence[str]) -> Tokens:
     wyk_index, _ = wyckoff_vocab()
     elems, fracs, wyks, n_seq, length = [], [], [], [], []
     for label in labels:
-        spg, mults, elements, equivalent_sets = parse_protostructure_label(label)
+        try:
+            spg, mults, elements, equivalent_sets = parse_protostructure_label(label)
+        except (KeyError, ValueError, IndexError, TypeError) as exc:
+            raise ValueError(f"cannot read Wyckoff label {label!r} "
+                             f"({type(exc).__name__}: {exc})") from exc
         el_ids = [elem_index[el] for el in elements]
         shares = [m / sum(mults) for m in mults]
         for wyk_set in sorted(equivalent_sets):
@@ -654,6 +662,10 @@ def score(targets: np.ndarray, preds: np.ndarray, task_type: str) -> dict[str, f
     the class-1 probability at CLASS_THRESHOLD (classification)."""
     from sklearn.metrics import accuracy_score, f1_score, r2_score, roc_auc_score
 
+    if not np.isfinite(preds).all():  # diverged: no metric means anything
+        names = ("mae", "rmse", "r2") if task_type == "regression" else (
+            "rocauc", "accuracy", "f1")
+        return dict.fromkeys(names, math.nan)
     if task_type == "regression":
         err = preds - targets
         return {"mae": float(np.abs(err).mean()),

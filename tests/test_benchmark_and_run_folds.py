@@ -62,6 +62,17 @@ def test_run_folds_per_task_stacks_the_missing_folds(featurized, tmp_path, capsy
     assert scores["fold_3"]["params"]["stacked_members"] == 1
 
 
+def test_run_folds_checks_every_flag_before_a_job_starts(tmp_path, capsys):
+    base = ["--model", "roostformer", "--tasks", "matbench_steels", "--out-dir",
+            str(tmp_path)]
+    for extra, message in ((["--run-name", "../x"], "must be a plain file name"),
+                           (["--run-name", "ok", "--dropout", "2"], "--dropout must"),
+                           (["--run-name", "ok", "--epochz", "3"], "does not take")):
+        assert folds_main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_run_folds_bad_task(capsys):
     assert folds_main(["--model", "roostformer", "--run-name", "x", "--tasks",
                        "matbench_nope"]) == 2

@@ -422,3 +422,173 @@ def test_wandb_online_without_login_says_what_to_do(featurized, tmp_path, monkey
     assert not list(tmp_path.rglob("online.json"))
 
 
+
+
+# --- reliability: checked before training, one line, nothing written ---------------
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--run-name", "../../x"], "must be a plain file name"),
+    (["--run-name", "a/b"], "must be a plain file name"),
+    (["--run-name", ""], "must be a plain file name"),
+    (["--run-name", "ok", "--learning-rate", "nan"], "--learning-rate must be a finite"),
+    (["--run-name", "ok", "--learning-rate", "inf"], "--learning-rate must be a finite"),
+    (["--run-name", "ok", "--device", "tpu"], "--device 'tpu' is not supported"),
+    (["--run-name", "ok", "--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--run-name", "ok", "--weight-decay", "-1"], "--weight-decay must be"),
+    (["--run-name", "ok", "--seed", "-1"], "--seed must be a whole number"),
+    (["--run-name", "ok", "--warmup-frac", "2"], "--warmup-frac must be in [0, 1]"),
+])
+def test_every_flag_is_checked_before_training(featurized, tmp_path, capsys, flags,
+                                               message):
+    featurized("matbench_steels")
+    out = tmp_path / "out"
+    code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--fold",
+                     "0", "--epochs", "1", "--out-dir", str(out), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists() and not list(tmp_path.parent.glob("x.json"))
+
+
+@pytest.mark.parametrize("case", ["file", "wrong_shape", "task_list"])
+def test_bad_out_dir_or_results_file_is_refused_before_training(featurized, tmp_path,
+                                                               capsys, case):
+    featurized("matbench_steels")
+    out = tmp_path / "out"
+    if case == "file":
+        out.write_text("not a folder")
+        message = "is a file, not a folder"
+    else:
+        (out / "model_scores").mkdir(parents=True)
+        bad = {"matbench_steels": 5} if case == "wrong_shape" else {
+            "matbench_steels": [1, 2]}
+        (out / "model_scores" / "R.json").write_text(json.dumps(bad))
+        message = "is not a results file"
+    code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--fold",
+                     "0", "--epochs", "1", "--out-dir", str(out), "--run-name", "R"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out" / "model_preds").exists()
+
+
+def test_diverged_training_says_so_and_writes_nothing(featurized, tmp_path, capsys):
+    featurized("matbench_steels")
+    code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--fold",
+                     "0", "--epochs", "3", "--learning-rate", "1e4", "--out-dir",
+                     str(tmp_path), "--run-name", "div", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "training diverged" in err and "--learning-rate" in err
+    assert err.count("\n") == 1 and not list(tmp_path.rglob("*.json"))
+
+
+@pytest.mark.parametrize("case", ["duplicate", "target", "element"])
+def test_broken_featurized_file_says_rebuild(featurized, tmp_path, capsys, monkeypatch,
+                                             case):
+    featurized("matbench_steels")
+    df = pd.read_csv(DATA_PATHS["matbench_steels"])
+    if case == "duplicate":
+        df = pd.concat([df, df.iloc[:1]])
+        message = "appear more than once"
+    elif case == "target":
+        df["target"] = df["target"].astype(object)
+        df.loc[3, "target"] = "strong"
+        message = "non-numeric target"
+    else:
+        df.loc[5, "composition"] = "Xx2O3"
+        message = "cannot read composition 'Xx2O3'"
+    path = tmp_path / "matbench_steels.csv.gz"
+    df.to_csv(path, index=False)
+    monkeypatch.setitem(DATA_PATHS, "matbench_steels", str(path))
+    code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--fold",
+                     "0", "--epochs", "1", "--out-dir", str(tmp_path / "o"),
+                     "--run-name", "b"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "--force" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_checkpoint_says_what_to_do(featurized, tmp_path, capsys):
+    featurized("matbench_steels")
+    ckpt = tmp_path / "checkpoints" / "t" / "matbench_steels-fold_0.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--fold",
+                     "0", "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "t",
+                     "--checkpoint", "local"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is unreadable" in err and "delete it" in err
+    assert not list(tmp_path.rglob("*.json"))
+
+
+@pytest.mark.parametrize("checkpoint", ["local", "none"])
+def test_ctrl_c_ends_with_one_line(featurized, tmp_path, checkpoint):
+    """Ctrl-C: with checkpoints the epoch finishes, a checkpoint is saved and the run
+    exits 130 with one line; without, it stops at once, also with one line."""
+    featurized("matbench_steels")
+    cmd = [sys.executable, "run_matbench.py", "--model", "roostformer", "--task",
+           "matbench_steels", "--fold", "1", "--epochs", "300", "--run-name", "int",
+           "--out-dir", str(tmp_path), "--checkpoint", checkpoint, "--no-progress",
+           *[str(x) for kv in TINY.items() for x in (f"--{kv[0].replace('_', '-')}",
+                                                    kv[1])]]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "checkpoints" / "int" / "matbench_steels-fold_1.pt"
+    deadline = time.time() + 240
+    # wait until training runs (the first periodic checkpoint, or a few seconds)
+    while time.time() < deadline and proc.poll() is None and not (
+            ckpt.exists() if checkpoint == "local" else False):
+        time.sleep(0.2)
+        if checkpoint == "none" and time.time() > deadline - 230:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and lines[-1].startswith("stopped by SIGINT")
+    if checkpoint == "local":
+        assert "checkpoint saved" in lines[-1] and ckpt.exists()
+    else:
+        assert len(lines) == 1 and not ckpt.exists()
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def _merging_writer(args):
+    """Merge folds into one run's two files again and again (killed from outside)."""
+    from mat_bench.data import merge_fold_results
+
+    out, worker = args
+    for idx in range(10_000):
+        fold = (worker * 7 + idx) % 5
+        merge_fold_results(out / "model_preds" / "k.json", out / "model_scores" / "k.json",
+                           f"task_{worker}", {fold: ({"prediction": [idx] * 500},
+                                                     {"mae": float(idx)})})
+
+
+def test_killed_writers_leave_predictions_and_scores_in_step(tmp_path):
+    """8 processes merge folds at once; 3 are SIGKILLed at random moments. Scores
+    never name a fold whose predictions are missing, and after the next merge both
+    files hold the same (task, fold) entries."""
+    import random
+
+    from mat_bench.data import merge_fold_results
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_merging_writer, args=((tmp_path, w),))
+             for w in range(8)]
+    for proc in procs:
+        proc.start()
+    time.sleep(4)
+    rng = random.Random(0)
+    for proc in rng.sample(procs, 3):
+        time.sleep(rng.uniform(0, 0.5))
+        os.kill(proc.pid, signal.SIGKILL)
+    time.sleep(1)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+        proc.join()
+    keys = lambda path: {(t, f) for t, folds in read_json_results(path).items()  # noqa: E731
+                         for f in folds}
+    preds, scores = tmp_path / "model_preds" / "k.json", tmp_path / "model_scores" / "k.json"
+    assert keys(scores) and keys(scores) <= keys(preds)
+    merge_fold_results(preds, scores, "task_0", {0: ({"prediction": []}, {"mae": 0.0})})
+    assert keys(preds) == keys(scores)
+    assert not list(tmp_path.rglob(".*.tmp"))

@@ -117,6 +117,11 @@ def test_model_task_selection(monkeypatch, tmp_path):
     (["--gpus-per-node", "one"], "--gpus-per-node takes a count"),
     (["--run-nam", "y"], "--run-name is set by slurm_submit.py"),
     (["--gpus-per-node", "0", "--cuda-graphs"], "--cuda-graphs needs GPUs"),
+    (["--time", "2 hours"], "--time takes SLURM's format"),
+    (["--mem", "lots"], "--mem takes a size"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--learning-rate", "nan"], "--learning-rate must be a finite number"),
+    (["--device", "tpu"], "--device 'tpu' is not supported"),
     (["--ensemble", "0"], "--ensemble must be at least 1"),
     (["--fold", "1"], "--fold"),
 ])

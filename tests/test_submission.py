@@ -68,7 +68,25 @@ def test_submission_is_valid_for_matbench(real_run, tmp_path, capsys):
     assert info["authors"] == "A. Tester" and info["algorithm"] == "Roostformer"
     assert "@article" in info["bibtex_refs"] and "matbench==" in info["requirements"]
     for name in ("run_matbench.py", "make_submission.py", "data.py"):
-        assert (folder / "source" / name).is_file()
+        assert (folder / name).is_file()
+    matbench_submission_checks(folder)
+
+
+def matbench_submission_checks(folder):
+    """What the matbench repository's scripts/test_submission.py checks of each
+    benchmarks/ entry (the check a Matbench pull request runs)."""
+    from mat_bench.make_submission import load_submission
+
+    info = json.loads((folder / "info.json").read_text())
+    assert "notes" in info
+    for field in ("authors", "algorithm", "algorithm_long", "bibtex_refs",
+                  "requirements"):
+        assert info.get(field)
+    assert load_submission(folder).is_valid
+    assert list(folder.glob("*.ipynb")) + list(folder.glob("*.py"))
+    for path in folder.iterdir():
+        if path.name != "results.json.gz":
+            assert path.stat().st_size / 1e6 <= 10, path
 
 
 def test_incomplete_task_is_reported_not_dropped(real_run, tmp_path, capsys):
@@ -96,6 +114,21 @@ def test_rerun_replaces_a_previous_submission(real_run, tmp_path):
                     "A")
     assert sorted(load_submission(folder).tasks_map) == [IS_METAL, STEELS]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "sub"]  # no debris
+
+
+def test_rerun_keeps_the_users_own_files(real_run, tmp_path, capsys):
+    folder = tmp_path / "sub"
+    argv = ["--run", RUN, "--scores-dir", real_run / "model_scores", "--preds-dir",
+            real_run / "model_preds", "--out-dir", folder, "--authors", "A"]
+    assert run_cli(argv, capsys)[0] == 0
+    (folder / "NOTES.txt").write_text("mine")
+    (folder / "extra").mkdir()
+    (folder / "extra" / "data.csv").write_text("a,b")
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0 and "kept your other files" in err and "NOTES.txt" in err
+    assert (folder / "NOTES.txt").read_text() == "mine"
+    assert (folder / "extra" / "data.csv").read_text() == "a,b"
+    matbench_submission_checks(folder)
 
 
 def test_no_complete_task(real_run, tmp_path, capsys):
