@@ -76,8 +76,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 # --- raw Matbench data ------------------------------------------------------------
 def raw_data_dirs() -> list[Path]:
     """Folders listed in $MATBENCH_RAW_DIR (colon-separated), searched before any
-    download."""
-    return [Path(p) for p in os.environ.get(RAW_DIR_ENV, "").split(":") if p]
+    download; UserError for one that is not a folder (a typo would otherwise end
+    in a failed download)."""
+    folders = [Path(p) for p in os.environ.get(RAW_DIR_ENV, "").split(":") if p]
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"{RAW_DIR_ENV} names {folder}, which is not a folder: fix "
+                            f"{RAW_DIR_ENV} (a colon-separated list of folders)")
+    return folders
 
 
 def find_raw_file(task: str) -> Path | None:

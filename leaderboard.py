@@ -250,6 +250,14 @@ def read_run(run: str, scores_dir: str | os.PathLike,
                 )
             _check_test_ids(f"predictions of run {run!r} for", task, fold,
                             pred["mbid"])
+            values = pd.to_numeric(pd.Series(pred.get("prediction", [])),
+                                   errors="coerce")
+            if len(values) != len(pred["mbid"]) or not np.isfinite(values).all():
+                raise UserError(
+                    f"run {run!r} has missing or non-finite predictions for {task} "
+                    f"{fold_key} in {preds_path}: rerun that fold with `python "
+                    f"run_matbench.py --task {task} --fold {fold} --run-name {run} ...`"
+                )
             probability = pred.get("probability") or [np.nan] * len(pred["mbid"])
             frames.append(pd.DataFrame({
                 "task": task, "fold": fold, "mbid": pred["mbid"],

@@ -392,6 +392,12 @@ def test_missing_raw_data_says_what_to_do(monkeypatch, tmp_path):
     assert socket.getdefaulttimeout() == before
 
 
+def test_raw_dir_that_does_not_exist_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("MATBENCH_RAW_DIR", f"{tmp_path}:{tmp_path / 'typo'}")
+    with pytest.raises(UserError, match="typo, which is not a folder"):
+        load_raw_task("matbench_steels")
+
+
 def test_corrupt_raw_file(monkeypatch, tmp_path):
     (tmp_path / "matbench_steels.json.bz2").write_bytes(b"not bz2 at all")
     monkeypatch.setenv("MATBENCH_RAW_DIR", str(tmp_path))

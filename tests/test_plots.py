@@ -274,6 +274,19 @@ def test_predictions_missing_for_a_task_with_scores(real_run, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_non_finite_predictions_name_the_fold(real_run, tmp_path, capsys):
+    src = copy_run(real_run, tmp_path / "run")
+    preds_file = src / "model_preds" / f"{RUN}.json"
+    data = json.loads(preds_file.read_text())
+    data[STEELS]["fold_2"]["prediction"][0] = None
+    preds_file.write_text(json.dumps(data))
+    code, err = run_cli(["--scores-dir", src / "model_scores", "--preds-dir",
+                         src / "model_preds", "--tasks", STEELS, "--out-dir",
+                         tmp_path / "out", "--no-png"], capsys)
+    assert code == 2 and "non-finite predictions" in err and "fold_2" in err
+    assert err.count("\n") == 1
+
+
 def test_unknown_run_name(real_run, tmp_path, capsys):
     code, err = run_cli(["--scores-dir", real_run / "model_scores", "--preds-dir",
                          real_run / "model_preds", "--runs", "nope", "--out-dir",
