@@ -818,8 +818,11 @@ class GraphedStep:
             self.body()
         return self.graph.replay
 
-    def run_epoch(self, plan: Plan) -> Tensor:
-        """Train one epoch of `plan`; returns the members' summed step losses."""
+    def run_epoch(self, plan: Plan, on_step: Callable[[], None] | None = None
+                  ) -> Tensor:
+        """Train one epoch of `plan`; returns the members' summed step losses.
+        `on_step` runs after each step (a test hook: reading the GPU there
+        synchronizes)."""
         n_steps = len(plan)
         if n_steps > len(self.mat):
             raise ValueError("an epoch has more steps than the graph's buffers")
@@ -837,6 +840,8 @@ class GraphedStep:
                 self.state.optimizer.zero_grad(set_to_none=True)
                 self.replay = self.capture()
                 self.replay()
+            if on_step is not None:
+                on_step()
         self.state.scheduler.last_epoch += n_steps  # (the graph set the lr itself)
         return self.loss_sum
 
