@@ -274,6 +274,16 @@ def test_predictions_missing_for_a_task_with_scores(real_run, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_wrong_shape_scores_file_is_refused(real_run, tmp_path, capsys):
+    src = copy_run(real_run, tmp_path / "run")
+    (src / "model_scores" / f"{RUN}.json").write_text('{"matbench_steels": [1, 2]}')
+    code, err = run_cli(["--scores-dir", src / "model_scores", "--preds-dir",
+                         src / "model_preds", "--out-dir", tmp_path / "out",
+                         "--no-png"], capsys)
+    assert code == 2 and "is not a results file" in err and "--run-name" not in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
 def test_non_finite_predictions_name_the_fold(real_run, tmp_path, capsys):
     src = copy_run(real_run, tmp_path / "run")
     preds_file = src / "model_preds" / f"{RUN}.json"

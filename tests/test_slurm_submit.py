@@ -165,6 +165,17 @@ def test_only_missing_reads_the_scores_file(monkeypatch, tmp_path, capsys):
         done_pairs(scores, "wrenformer")
 
 
+def test_wrong_shape_results_file_is_refused(monkeypatch, tmp_path, capsys):
+    fake_featurized(monkeypatch, tmp_path, "matbench_steels")
+    scores = tmp_path / "model_scores" / "run.json"
+    scores.parent.mkdir()
+    scores.write_text('{"matbench_steels": 5}')
+    assert main(["--model", "roostformer", "--run-name", "run", "--tasks",
+                 "matbench_steels", "--out-dir", str(tmp_path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a results file" in err and err.count("\n") == 1
+
+
 def test_per_task_elements_train_their_folds_together(monkeypatch, tmp_path, capsys):
     for task in TASKS:
         fake_featurized(monkeypatch, tmp_path, task)
