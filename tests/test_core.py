@@ -308,6 +308,15 @@ def test_wandb_offline_logs_locally(featurized, tmp_path, monkeypatch):
                  out_dir=tmp_path, wandb="offline", progress=False, **TINY)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    # a stacked run (2 folds x 2 seeds) is one W&B run, with every fold's test score
+    run_matbench("roostformer", "matbench_steels", [0, 1], ensemble=2, epochs=2,
+                 run_name="wb2", out_dir=tmp_path, wandb="offline", progress=False,
+                 **TINY)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    (record,) = max(runs, key=lambda p: p.name).glob("*.wandb")  # the stacked run
+    logged = record.read_bytes()  # W&B's record log holds the summary's keys as text
+    assert b"test_mae_fold_0" in logged and b"test_mae_fold_1" in logged
 
 
 # --- bad input: one clear line, exit 2, nothing written ------------------------------
