@@ -19,7 +19,7 @@ files come back gzipped as OUT/model_scores-RUN.json.gz and OUT/model_preds-RUN.
 --cpu-smoke runs stages 2-4 tiny on a CPU, to check this harness before a lease.
 
 Example (on the GPU machine, after benchmarks/prepare_gpu_check.sh here):
-    OUT=/tmp/out bash benchmarks/gpu_check.sh --budget 560
+    OUT=some/folder bash benchmarks/gpu_check.sh --budget 560
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import gzip
 import json
 import shutil
 import subprocess
+import tempfile
 import sys
 import time
 import traceback
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+SCRATCH = Path(tempfile.mkdtemp(prefix="gpu_check_"))  # stages' own files
 DEVICE, SMOKE = "cuda", False  # --cpu-smoke: every stage but 1, tiny, on the CPU
 TINY = ["--d-model", "16", "--n-heads", "2", "--n-attn-layers", "1", "--epochs", "1"]
 LARGE_TASKS = ("matbench_mp_e_form", "matbench_mp_gap", "matbench_mp_is_metal")
@@ -115,7 +117,7 @@ def throughput(deadline: float) -> dict[str, Any]:
     """Stage 2: benchmark_training.py rows, each in its own processes."""
     out: dict[str, Any] = {}
     for name, flags in BENCH_ROWS.items():
-        rows_path = Path(f"/tmp/gpu_check_{name}.json")
+        rows_path = SCRATCH / f"rows_{name}.json"
         cmd = smoke([sys.executable, "benchmark_training.py", "--device", DEVICE,
                      "--repeats", "1", "--json-out", str(rows_path), *flags],
                     ["--max-train", "100", "--epochs", "2"])
@@ -133,11 +135,11 @@ def seeds(deadline: float) -> dict[str, Any]:
     for name, extra in (("graphs", ["--cuda-graphs"]), ("eager", [])):
         cmd = [sys.executable, "run_matbench.py", "--model", "roostformer", "--task",
                "matbench_expt_gap", "--fold", "0", "--ensemble", "3", "--epochs", "100",
-               "--run-name", name, "--out-dir", "/tmp/gpu_check_seeds", "--no-progress",
+               "--run-name", name, "--out-dir", str(SCRATCH / "seeds"), "--no-progress",
                "--device", DEVICE, *extra]
         cmd = smoke(cmd, ["--epochs", "2", *TINY])
         out[name] = run(cmd, deadline)
-        scores = read_json_results(f"/tmp/gpu_check_seeds/model_scores/{name}.json")
+        scores = read_json_results(SCRATCH / "seeds" / "model_scores" / f"{name}.json")
         if scores:
             entry = scores["matbench_expt_gap"]["fold_0"]
             out[name].update(ensemble_mae=entry["mae"],
