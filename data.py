@@ -238,34 +238,30 @@ def read_json_results(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def update_json_results(
-    path: str | os.PathLike, update: Callable[[dict[str, Any]], None],
-    indent: int | None = 1,
+    path: str | os.PathLike, update: Callable[[dict[str, Any]], None]
 ) -> None:
     """Apply `update` to the file's content under an exclusive file lock and replace
     the file atomically: concurrent writers (SLURM array elements) never lose each
-    other's entries, and readers never see a half-written file. indent=None writes
-    compact JSON (predictions files, which hold every test material)."""
+    other's entries, and readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock", timeout=600):
         data = read_json_results(path)
         update(data)
         with atomic_path(path) as tmp, open(tmp, "w") as file:
-            json.dump(data, file, indent=indent,
-                      separators=None if indent else (",", ":"))
+            json.dump(data, file, indent=1)
             file.write("\n")
 
 
 def merge_fold_result(
-    path: str | os.PathLike, task: str, fold: int, entry: dict[str, Any],
-    indent: int | None = 1,
+    path: str | os.PathLike, task: str, fold: int, entry: dict[str, Any]
 ) -> None:
     """Set data[task][fold_k] = entry in a results file, keeping everything else."""
 
     def update(data: dict[str, Any]) -> None:
         data.setdefault(task, {})[f"fold_{fold}"] = entry
 
-    update_json_results(path, update, indent)
+    update_json_results(path, update)
 
 
 def merge_fold_results(preds_path: str | os.PathLike, scores_path: str | os.PathLike,
