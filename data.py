@@ -210,16 +210,48 @@ def _matbench_splits() -> dict[str, Any]:
 
 
 # --- result files -----------------------------------------------------------------
+def preds_file(preds_dir: str | os.PathLike, run: str, task: str) -> Path:
+    """Where a run's test predictions on a task live: PREDS_DIR/RUN/TASK.json.gz,
+    one gzipped file per task, so that the large tasks' megabytes of predictions
+    are written (and committed) only when that task's folds change."""
+    return Path(preds_dir) / run / f"{task}.json.gz"
+
+
+def read_run_preds(preds_dir: str | os.PathLike, run: str) -> dict[str, Any]:
+    """A run's predictions (task -> fold_k -> entry) from its per-task files, over
+    a single PREDS_DIR/RUN.json as versions before 2026-11 wrote them."""
+    preds = read_json_results(Path(preds_dir) / f"{run}.json")
+    for path in sorted((Path(preds_dir) / run).glob("*.json.gz")):
+        preds.update(read_json_results(path))
+    return preds
+
+
+def write_json(path: str | os.PathLike, data: Any, compact: bool = False,
+               gz: bool | None = None) -> None:
+    """Write JSON, gzip-compressed if `gz` (default: where the name ends in .gz)
+    with no name or timestamp in the header, so that equal content gives equal
+    bytes."""
+    text = (json.dumps(data, separators=(",", ":")) if compact
+            else json.dumps(data, indent=1)) + "\n"
+    if str(path).endswith(".gz") if gz is None else gz:
+        with open(path, "wb") as raw, gzip.GzipFile(
+                filename="", fileobj=raw, mode="wb", mtime=0) as file:
+            file.write(text.encode())
+    else:
+        with open(path, "w") as file:
+            file.write(text)
+
+
 def read_json_results(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a results file; an absent file is empty. Invalid JSON raises UserError
-    so that nobody overwrites a file they could not read."""
+    """Read a results file (plain or gzipped JSON); an absent file is empty. Invalid
+    JSON raises UserError so that nobody overwrites a file they could not read."""
     path = Path(path)
     if not path.exists():
         return {}
     try:
-        with open(path) as file:
+        with open_maybe_gzip(path) as file:
             data = json.load(file)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, EOFError, OSError) as exc:
         raise UserError(
             f"{path} is not valid JSON ({exc}); refusing to touch it: repair or move "
             "it"
@@ -248,9 +280,9 @@ def update_json_results(
     with FileLock(f"{path}.lock", timeout=600):
         data = read_json_results(path)
         update(data)
-        with atomic_path(path) as tmp, open(tmp, "w") as file:
-            json.dump(data, file, indent=1)
-            file.write("\n")
+        with atomic_path(path) as tmp:
+            write_json(tmp, data, compact=path.name.endswith(".gz"),
+                       gz=path.name.endswith(".gz"))
 
 
 def merge_fold_result(
@@ -296,12 +328,8 @@ def _merge_locked(preds_path: Path, scores_path: Path, task: str,
                 del preds[name][key]
             if not preds[name]:
                 del preds[name]
-        with open(preds_tmp, "w") as file:
-            json.dump(preds, file, separators=(",", ":"))
-            file.write("\n")
-        with open(scores_tmp, "w") as file:
-            json.dump(scores, file, indent=1)
-            file.write("\n")
+        write_json(preds_tmp, preds, compact=True, gz=preds_path.name.endswith(".gz"))
+        write_json(scores_tmp, scores)
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             os.replace(preds_tmp, preds_path)

@@ -30,6 +30,7 @@ from mat_bench.data import (
     load_raw_task,
     open_maybe_gzip,
     read_json_results,
+    read_run_preds,
 )
 from sklearn.metrics import accuracy_score, f1_score, r2_score, roc_auc_score
 
@@ -224,15 +225,15 @@ def _check_test_ids(what: str, task: str, fold: int, mbids: list[str]) -> None:
 def read_run(run: str, scores_dir: str | os.PathLike,
              preds_dir: str | os.PathLike) -> Results:
     """One of our runs: the folds listed in model_scores/<run>.json with their
-    predictions from model_preds/<run>.json (UserError where those are missing)."""
+    predictions from model_preds/<run>/ (UserError where those are missing)."""
     scores_path = Path(scores_dir) / f"{run}.json"
-    preds_path = Path(preds_dir) / f"{run}.json"
+    preds_path = Path(preds_dir) / run
     scores = read_json_results(scores_path)
     if not scores:
         available = ", ".join(list_runs(scores_dir))
         raise UserError(f"run {run!r} has no scores in {scores_path}: choose one of "
                         f"{available}")
-    all_preds = read_json_results(preds_path)
+    all_preds = read_run_preds(preds_dir, run)
     frames, params = [], {}
     for task, folds in scores.items():
         if task not in TASK_INFO:

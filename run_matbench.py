@@ -10,9 +10,9 @@ Examples:
     python run_matbench.py --model roostformer --task matbench_steels --fold 0 \
         --frac-encoding 0 --device cuda --checkpoint local
 
-Each test fold's predictions go to OUT_DIR/model_preds/RUN.json and its scores to
-OUT_DIR/model_scores/RUN.json, merged under a file lock so that many jobs of one run
-can write at once. Folds are Matbench v0.1's own. A member is a (fold, seed) pair
+Each test fold's predictions go to OUT_DIR/model_preds/RUN/TASK.json.gz and its
+scores to OUT_DIR/model_scores/RUN.json, merged under a file lock so that many jobs
+of one run can write at once. Folds are Matbench v0.1's own. A member is a (fold, seed) pair
 with its own validation split of the training fold (--val-fraction), normalizer,
 initial weights and batch order; --folds F.. --ensemble E trains len(F) x E members
 at once (seeds SEED .. SEED+E-1 per fold), each fold's prediction being the mean of its
@@ -48,6 +48,7 @@ from mat_bench.data import (
     get_fold_ids,
     load_featurized,
     merge_fold_results,
+    preds_file,
     read_json_results,
 )
 
@@ -373,8 +374,8 @@ def run_matbench(
 ) -> dict[int, dict[str, Any]]:
     """Train `model` on the training folds of `task`, `ensemble` members per fold (all
     stacked into one model on the device), test each fold's ensemble on its test
-    fold, merge predictions and scores into OUT_DIR/model_{preds,scores}/RUN.json and
-    return the scores entry of each fold. Hyperparameters not given take DEFAULTS."""
+    fold, merge predictions and scores into OUT_DIR/model_preds/RUN/TASK.json.gz and
+    OUT_DIR/model_scores/RUN.json and return the scores entry of each fold. Hyperparameters not given take DEFAULTS."""
     # 1. arguments, before anything is loaded or written
     folds = [folds] if isinstance(folds, int) else list(folds)
     unknown = set(hyperparams) - set(DEFAULTS)
@@ -391,7 +392,7 @@ def run_matbench(
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     scores_path = out_dir / "model_scores" / f"{run_name}.json"
-    preds_path = out_dir / "model_preds" / f"{run_name}.json"
+    preds_path = preds_file(out_dir / "model_preds", run_name, task)
     for path in (scores_path, preds_path):  # refuse unreadable files before training
         read_json_results(path)
 

@@ -1,7 +1,7 @@
 """Run the Matbench benchmark on a SLURM cluster as one job array: one element per
 (task, fold) pair, or with --per-task one per task training its folds together
 (stacked), each running run_matbench.py, all merging into the same
-OUT_DIR/model_scores/RUN.json and OUT_DIR/model_preds/RUN.json.
+OUT_DIR/model_scores/RUN.json and OUT_DIR/model_preds/RUN/TASK.json.gz.
 
 Examples:
     # Roostformer on all 13 tasks x 5 folds, one A100 per element, 10 at a time

@@ -15,7 +15,8 @@
 
 OUT/gpu_check.json is rewritten after every stage, so a stage that fails or runs
 out of time leaves the others' results; stage 4's model_scores/ and model_preds/
-files come back gzipped as OUT/model_scores-RUN.json.gz and OUT/model_preds-RUN.json.gz.
+files come back gzipped as OUT/model_scores-RUN.json.gz and
+OUT/model_preds-RUN-TASK.json.gz.
 --cpu-smoke runs stages 2-4 tiny on a CPU, to check this harness before a lease.
 
 Example (on the GPU machine, after benchmarks/prepare_gpu_check.sh here):
@@ -176,10 +177,13 @@ def large_task_results(deadline: float, samples_per_s: float | None, out_dir: Pa
                "--run-name", RESULTS_RUN, "--out-dir", str(out_dir), "--no-progress",
                "--device", DEVICE]
         out[task] = run(smoke(cmd, TINY), deadline)
-    for path in out_dir.glob("model_*/*.json"):  # small enough to come back
+    for path in out_dir.glob("model_scores/*.json"):  # small enough to come back
         with open(path, "rb") as src, gzip.open(out_dir.parent / (
-                f"{path.parent.name}-{path.name}.gz"), "wb") as dest:
+                f"model_scores-{path.name}.gz"), "wb") as dest:
             shutil.copyfileobj(src, dest)
+    for path in out_dir.glob("model_preds/*/*.json.gz"):  # gzipped per task already
+        shutil.copyfile(path, out_dir.parent / f"model_preds-{path.parent.name}-"
+                                               f"{path.name}")
     shutil.rmtree(out_dir, ignore_errors=True)
     return out
 

@@ -24,7 +24,10 @@ from mat_bench.data import (
     load_featurized,
     load_raw_task,
     merge_fold_result,
+    merge_fold_results,
+    preds_file,
     read_json_results,
+    read_run_preds,
 )
 from mat_bench.featurize_matbench import featurize, protostructure_label
 from mat_bench.run_matbench import main as run_main
@@ -124,7 +127,7 @@ def test_fold_ids_are_matbenchs(task):
 # --- training and result files ------------------------------------------------------
 def check_fold_files(out_dir, run, task, fold, metric, n_test):
     scores = read_json_results(out_dir / "model_scores" / f"{run}.json")
-    preds = read_json_results(out_dir / "model_preds" / f"{run}.json")
+    preds = read_json_results(preds_file(out_dir / "model_preds", run, task))
     entry = scores[task][f"fold_{fold}"]
     assert math.isfinite(entry[metric])
     assert entry["n_test"] == n_test and entry["params"]["run_name"] == run
@@ -235,7 +238,8 @@ def test_checkpoint_predicts_again(featurized, tmp_path, amp):
     model = StackedTransformer([MatbenchTransformer(**saved["model_params"])] * 4)
     model.load_state_dict(saved["model_state"])
     state = TrainState(model, [], None, None, saved["norm_mean"], saved["norm_std"])
-    recorded = read_json_results(tmp_path / "model_preds" / "ck.json")
+    recorded = read_json_results(preds_file(tmp_path / "model_preds", "ck",
+                                            "matbench_steels"))
     for fold, members in ((0, [0, 1]), (3, [2, 3])):
         test = load_featurized("matbench_steels").loc[
             get_fold_ids("matbench_steels", fold)[1]]
@@ -366,7 +370,7 @@ def test_invalid_results_file_is_never_overwritten(featurized, tmp_path, capsys)
                      "broken"])
     assert code == 2 and "not valid JSON" in capsys.readouterr().err
     assert scores.read_text() == '{"matbench_steels": {"fold_0": '
-    assert not (tmp_path / "model_preds" / "broken.json").exists()
+    assert not (tmp_path / "model_preds").exists()
     with pytest.raises(UserError, match="not valid JSON"):
         merge_fold_result(scores, "matbench_steels", 1, {})
 
@@ -607,3 +611,27 @@ def test_killed_writers_leave_predictions_and_scores_in_step(tmp_path):
     merge_fold_results(preds, scores, "task_0", {0: ({"prediction": []}, {"mae": 0.0})})
     assert keys(preds) == keys(scores)
     assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_predictions_are_gzipped_per_task_and_old_run_files_still_read(tmp_path):
+    preds_dir, scores = tmp_path / "model_preds", tmp_path / "model_scores" / "r.json"
+    for task, fold in (("matbench_steels", 0), ("matbench_glass", 2)):
+        merge_fold_results(preds_file(preds_dir, "r", task), scores, task,
+                           {fold: ({"prediction": [fold]}, {"mae": 1.0})})
+    path = preds_file(preds_dir, "r", "matbench_steels")
+    assert path.read_bytes()[:2] == b"\x1f\x8b"  # gzip
+    first = path.read_bytes()
+    merge_fold_results(path, scores, "matbench_steels",
+                       {0: ({"prediction": [0]}, {"mae": 1.0})})
+    assert path.read_bytes() == first  # no timestamp: equal content, equal bytes
+    # a run written before predictions were split per task: its RUN.json is read,
+    # and per-task files win over it
+    (preds_dir / "r.json").write_text(json.dumps(
+        {"matbench_jdft2d": {"fold_1": {"prediction": [1]}},
+         "matbench_steels": {"fold_0": {"prediction": ["old"]}}}))
+    preds = read_run_preds(preds_dir, "r")
+    assert sorted(preds) == ["matbench_glass", "matbench_jdft2d", "matbench_steels"]
+    assert preds["matbench_steels"]["fold_0"]["prediction"] == [0]
+    path.write_bytes(first[:20])  # a truncated gzip file is refused, not overwritten
+    with pytest.raises(UserError, match="not valid JSON"):
+        read_run_preds(preds_dir, "r")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mat_bench.data import read_json_results
+from mat_bench.data import preds_file, read_json_results, read_run_preds, write_json
 from mat_bench.leaderboard import (
     BENCHMARKS_ENV,
     leaderboard_fold_scores,
@@ -49,14 +49,21 @@ def copy_run(src: Path, dest: Path, drop: dict[str, list[str]] | None = None,
     """A copy of a real run, without some folds (a partial run) or without one
     task's predictions."""
     for sub in ("model_scores", "model_preds"):
-        data = read_json_results(src / sub / f"{RUN}.json")
+        data = (read_json_results(src / sub / f"{RUN}.json") if sub == "model_scores"
+                else read_run_preds(src / sub, RUN))
         for task, folds in (drop or {}).items():
             for fold in folds:
                 data[task].pop(fold)
         if sub == "model_preds" and drop_preds_task:
             data.pop(drop_preds_task)
         (dest / sub).mkdir(parents=True, exist_ok=True)
-        (dest / sub / f"{RUN}.json").write_text(json.dumps(data))
+        if sub == "model_scores":
+            (dest / sub / f"{RUN}.json").write_text(json.dumps(data))
+        else:
+            for task, folds in data.items():
+                path = preds_file(dest / sub, RUN, task)
+                path.parent.mkdir(exist_ok=True)
+                write_json(path, {task: folds})
     return dest
 
 
@@ -286,10 +293,10 @@ def test_wrong_shape_scores_file_is_refused(real_run, tmp_path, capsys):
 
 def test_non_finite_predictions_name_the_fold(real_run, tmp_path, capsys):
     src = copy_run(real_run, tmp_path / "run")
-    preds_file = src / "model_preds" / f"{RUN}.json"
-    data = json.loads(preds_file.read_text())
+    path = preds_file(src / "model_preds", RUN, STEELS)
+    data = read_json_results(path)
     data[STEELS]["fold_2"]["prediction"][0] = None
-    preds_file.write_text(json.dumps(data))
+    write_json(path, data)
     code, err = run_cli(["--scores-dir", src / "model_scores", "--preds-dir",
                          src / "model_preds", "--tasks", STEELS, "--out-dir",
                          tmp_path / "out", "--no-png"], capsys)

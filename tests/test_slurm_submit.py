@@ -18,6 +18,7 @@ from mat_bench.data import (
     UserError,
     get_fold_ids,
     read_json_results,
+    read_run_preds,
     update_json_results,
 )
 from mat_bench.slurm_submit import done_pairs, main, select_pairs
@@ -239,7 +240,7 @@ def test_array_merges_every_fold_and_only_missing_resubmits_the_rest(
     assert queue.count("RUNNING") <= 2 and "PENDING" in queue, queue
     wait(cluster, job_id, log_dir)
     scores = read_json_results(out / "model_scores" / "e2e.json")
-    preds = read_json_results(out / "model_preds" / "e2e.json")
+    preds = read_run_preds(out / "model_preds", "e2e")
     task_ids = set()
     for task in TASKS:
         assert sorted(scores.get(task, {})) == [f"fold_{f}" for f in range(5)], (
@@ -344,4 +345,4 @@ def test_requeued_element_resumes_from_its_checkpoint(
     assert entry["epochs"] == epochs and entry["params"]["slurm_array_job_id"] == job_id
     show = cluster.run("scontrol", "show", "job", job_id).stdout
     assert "Restarts=1" in show and "JobState=COMPLETED" in show, show
-    assert json.loads((out / "model_preds" / "rq.json").read_text())["matbench_steels"]
+    assert read_run_preds(out / "model_preds", "rq")["matbench_steels"]

@@ -4,11 +4,12 @@ Matbench's info.json fields and the source; incomplete tasks reported; errors.""
 
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from mat_bench.data import read_json_results
+from mat_bench.data import preds_file, read_json_results, read_run_preds, write_json
 from mat_bench.leaderboard import load_runs, score_results
 from mat_bench.make_submission import INFO_FIELDS, load_submission, make_submission
 from mat_bench.make_submission import main as submission_main
@@ -19,13 +20,19 @@ RUN = "roost-test"  # the run of conftest.py's real_run fixture
 
 def partial_copy(src: Path, dest: Path, task: str, keep: int) -> Path:
     """A copy of the real run that keeps only the first `keep` folds of `task`."""
-    for sub in ("model_scores", "model_preds"):
-        data = read_json_results(src / sub / f"{RUN}.json")
+    scores = read_json_results(src / "model_scores" / f"{RUN}.json")
+    preds = read_run_preds(src / "model_preds", RUN)
+    for data in (scores, preds):
         data[task] = {k: v for k, v in data[task].items() if int(k[-1]) < keep}
         if not data[task]:
             data.pop(task)
-        (dest / sub).mkdir(parents=True, exist_ok=True)
-        (dest / sub / f"{RUN}.json").write_text(json.dumps(data))
+    (dest / "model_scores").mkdir(parents=True, exist_ok=True)
+    (dest / "model_scores" / f"{RUN}.json").write_text(json.dumps(scores))
+    shutil.rmtree(dest / "model_preds" / RUN, ignore_errors=True)
+    for name, folds in preds.items():
+        path = preds_file(dest / "model_preds", RUN, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {name: folds})
     return dest
 
 
