@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mat_bench import ALL_TASKS, N_FOLDS, ROOT, TASK_INFO
@@ -41,6 +42,15 @@ from mat_bench.slurm_submit import (
     run_matbench_args,
     scores_path,
 )
+
+
+def grid_flag(key: str, value: str) -> list[str]:
+    """run_matbench flags for one grid value: `--key value`, or for true and false
+    (switches such as gate=true,false) `--key` and `--no-key`."""
+    flag = key.replace("_", "-")
+    if value.lower() in ("true", "false"):
+        return [f"--{flag}" if value.lower() == "true" else f"--no-{flag}"]
+    return [f"--{flag}", value]
 
 
 def grid_runs(run_name: str, grid: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -58,7 +68,7 @@ def grid_runs(run_name: str, grid: Sequence[str]) -> list[tuple[str, list[str]]]
     for combo in itertools.product(*values):
         name = run_name + "".join(f"-{k}={v}" for k, v in zip(keys, combo, strict=True))
         flags = [f for k, v in zip(keys, combo, strict=True)
-                 for f in (f"--{k.replace('_', '-')}", v)]
+                 for f in grid_flag(k, v)]
         runs.append((name, flags))
     return runs
 
@@ -69,16 +79,35 @@ def run_job(cmd: list[str], log_path: Path) -> int:
         return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
+VALIDATION_COLUMNS = {  # validation metrics of a fold's scores entry, by task type
+    "regression": ("val_mae",),
+    "classification": ("val_rocauc", "val_balanced_accuracy_default",
+                       "val_balanced_accuracy_crossfit"),
+}
+
+
 def validation_table(out_dir: Path, run_names: Sequence[str]) -> pd.DataFrame:
-    """Mean validation metric per run and task (never the test fold's scores)."""
+    """Mean validation metrics per run and task over its folds (never the test
+    fold's scores): the ensemble's metric (`val_mae` or `val_rocauc`; with the
+    median of the members in `val_median`), and for classification the labels'
+    balanced accuracy (Matbench's ROC-AUC of labels) at 0.5 and at a threshold
+    chosen on the validation split (cross-fitted)."""
     rows = []
     for name in run_names:
         for task, folds in read_json_results(scores_path(out_dir, name)).items():
-            key = "val_mae" if TASK_INFO[task][1] == "regression" else "val_rocauc"
-            vals = [f[key] for f in folds.values() if key in f]
-            if vals:
-                rows.append({"run": name, "task": task, key: sum(vals) / len(vals),
-                             "folds": len(vals)})
+            task_type = TASK_INFO[task][1]
+            entries = [f for f in folds.values() if VALIDATION_COLUMNS[task_type][0] in f]
+            if not entries:
+                continue
+            row: dict = {"run": name, "task": task, "folds": len(entries),
+                         "ensemble": entries[0].get("ensemble", 1)}
+            for key in VALIDATION_COLUMNS[task_type]:
+                if all(key in f for f in entries):
+                    row[key] = float(np.mean([f[key] for f in entries]))
+            if all("val_by_aggregation" in f for f in entries):
+                row["val_median"] = float(np.mean([f["val_by_aggregation"]["median"]
+                                                   for f in entries]))
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -94,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="one job per task, its missing folds stacked in one model")
     parser.add_argument("--out-dir", default=ROOT)
     parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2")
+    parser.add_argument("--table", default=None, metavar="CSV",
+                        help="with --grid: also write the validation table here")
     args, passthrough = parser.parse_known_args(argv)
     out_dir = Path(args.out_dir)
     try:
@@ -144,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = validation_table(out_dir, [name for name, _ in runs])
         if len(table):
             print(table.to_string(index=False))
+            if args.table:
+                Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+                table.to_csv(args.table, index=False, float_format="%.5g")
     return 1 if failed else 0
 
 

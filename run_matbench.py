@@ -67,6 +67,11 @@ DEFAULTS: dict[str, Any] = {
     "embedding_aggregations": ("mean",),
     "frac_encoding": 64,  # dims of the sinusoidal fraction encoding, 0 = off
     "robust": False,
+    "gate": False,  # regression: prediction x sigmoid(gate), as CrabNet's
+    "frac_jitter": 0.0,  # training augmentation: fractions x (1 + jitter x N(0, 1))
+    "ensemble_aggregation": "mean",  # a fold's prediction from its members: or median
+    "val_threshold": False,  # classification: the label threshold chosen on the
+    # validation split (the best balanced accuracy) instead of 0.5
     "val_fraction": 0.1,
     "seed": 0,
     "amp": None,  # bf16 compute, fp32 master weights: None = on for CUDA, off for CPU
@@ -132,6 +137,21 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
                     "warmup_frac": "in [0, 1]", "dropout": "in [0, 1)",
                     "seed": "a whole number, 0 or more"}[key]
             raise UserError(f"{flag} must be {want}, got {value}")
+    if not (math.isfinite(params["frac_jitter"]) and 0 <= params["frac_jitter"] < 0.5):
+        raise UserError(f"--frac-jitter must be in [0, 0.5), got {params['frac_jitter']}")
+    if params["ensemble_aggregation"] not in ("mean", "median"):
+        raise UserError("--ensemble-aggregation must be mean or median, got "
+                        f"{params['ensemble_aggregation']!r}")
+    task_type = TASK_INFO[task][1]
+    if params["gate"] and task_type != "regression":
+        raise UserError(f"--gate takes regression tasks and {task} is a "
+                        "classification task: drop --gate")
+    if params["val_threshold"] and task_type != "classification":
+        raise UserError(f"--val-threshold takes classification tasks and {task} is a "
+                        "regression task: drop --val-threshold")
+    if params["val_threshold"] and not params["val_fraction"]:
+        raise UserError("--val-threshold needs a validation split: set --val-fraction "
+                        "above 0")
     if params["frac_encoding"] < 0 or params["frac_encoding"] % 4:
         raise UserError("--frac-encoding must be 0 or a positive multiple of 4")
     bad_aggs = set(params["embedding_aggregations"]) - {"mean", "std", "sum", "min",
@@ -227,10 +247,11 @@ def load_task(model: str, task: str, folds: Sequence[int]
 def split_members(df: pd.DataFrame, input_col: str,
                   fold_ids: dict[int, tuple[list[str], list[str]]], ensemble: int,
                   seed: int, val_fraction: float) -> tuple[list, pd.DataFrame]:
-    """One Member per (fold, seed): seeds seed .. seed + ensemble - 1, each with a
-    validation split of its training fold drawn with its own seed. Rows without an
-    input (Wrenformer: no Wyckoff label) are left out of training. Returns the
-    members (indices into `rows`) and `rows`, the materials with an input."""
+    """One Member per (fold, seed): seeds seed .. seed + ensemble - 1, sharing one
+    validation split of their training fold (drawn with `seed`), so that the
+    ensemble can be scored on it. Rows without an input (Wrenformer: no Wyckoff
+    label) are left out of training. Returns the members (indices into `rows`) and
+    `rows`, the materials with an input."""
     from mat_bench.training import Member
 
     rows = df[df[input_col].notna()]
@@ -239,8 +260,8 @@ def split_members(df: pd.DataFrame, input_col: str,
     for fold, (train_ids, _) in fold_ids.items():
         train_rows = position.reindex(train_ids).dropna().to_numpy(np.int64)
         n_val = round(val_fraction * len(train_rows))
+        perm = np.random.default_rng(seed).permutation(len(train_rows))
         for member_seed in range(seed, seed + ensemble):
-            perm = np.random.default_rng(member_seed).permutation(len(train_rows))
             members.append(Member(fold, member_seed, train_rows[perm[n_val:]],
                                   train_rows[perm[:n_val]]))
     return members, rows
@@ -293,7 +314,8 @@ def save_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
 
 def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
     """Load a saved state into `state` if `path` exists and was made by the same
-    model, hyperparameters and members."""
+    model, hyperparameters and members (a hyperparameter added since the checkpoint
+    was made counts as its default)."""
     import torch
 
     try:
@@ -302,6 +324,10 @@ def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None
     except Exception as exc:
         raise UserError(f"checkpoint {path} is unreadable ({type(exc).__name__}): "
                         "delete it to start over") from exc
+    saved_params = saved.get("params", {})
+    if isinstance(saved_params, dict):  # hyperparameters added since: at defaults
+        saved["params"] = {**{key: DEFAULTS[key] for key in DEFAULTS
+                              if key not in saved_params}, **saved_params}
     if any(saved.get(key) != value for key, value in meta.items()):
         raise UserError(f"checkpoint {path} was made with other hyperparameters or "
                         "members: delete it or use another --run-name")
@@ -313,16 +339,62 @@ def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None
     state.epoch, state.train_seconds = saved["epoch"], saved["train_seconds"]
 
 
+def aggregate(preds: np.ndarray, how: str) -> np.ndarray:
+    """A fold's prediction from its members' (members, materials) predictions: their
+    mean or median (classification: of the class-1 probabilities)."""
+    return np.median(preds, axis=0) if how == "median" else preds.mean(axis=0)
+
+
+def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
+                    aggregation: str, val_threshold: bool) -> dict[str, Any]:
+    """A fold's validation record from its members' (members, materials)
+    predictions on their shared validation split: the ensemble's metrics
+    (`val_<metric>`, `val`), each aggregation's (`val_by_aggregation`) and, for
+    classification, the label threshold (chosen here with --val-threshold), the
+    labels' balanced accuracy at CLASS_THRESHOLD and the cross-fitted balanced
+    accuracy that choosing the threshold buys."""
+    from mat_bench.training import (
+        CLASS_THRESHOLD,
+        best_threshold,
+        crossfit_balanced_accuracy,
+        score,
+    )
+
+    metric = "mae" if task_type == "regression" else "rocauc"
+    ensemble = aggregate(val_preds, aggregation)
+    out: dict[str, Any] = {}
+    if task_type == "classification":
+        out["threshold"] = (best_threshold(targets, ensemble) if val_threshold
+                            else CLASS_THRESHOLD)
+        out["val_balanced_accuracy_crossfit"] = crossfit_balanced_accuracy(
+            targets, ensemble)
+        out["val_balanced_accuracy_default"] = score(
+            targets, ensemble, task_type)["balanced_accuracy"]  # at CLASS_THRESHOLD
+    out["val"] = score(targets, ensemble, task_type, out.get("threshold",
+                                                              CLASS_THRESHOLD))
+    out[f"val_{metric}"] = out["val"][metric]
+    if len(val_preds) > 1:
+        out["val_by_aggregation"] = {
+            how: score(targets, aggregate(val_preds, how), task_type)[metric]
+            for how in ("mean", "median")}
+        out["val_members"] = [score(targets, pred, task_type)[metric]
+                              for pred in val_preds]
+    return out
+
+
 def fold_results(fold: int, members: Sequence[Any], member_preds: Sequence[np.ndarray],
                  test_df: pd.DataFrame, test_ok: np.ndarray, rows: pd.DataFrame,
-                 task_type: str, val_scores: dict[int, float] | None
+                 task_type: str, aggregation: str = "mean",
+                 threshold: float | None = None
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One fold's (scores entry, predictions entry) from its members' test
-    predictions: the ensemble's mean prediction (classification: the mean class-1
-    probability, then the label), the members' spread, and each member's scores.
-    Test rows without an input get the training mean (or majority class)."""
+    predictions: the ensemble's prediction (the members' mean or median;
+    classification: of the class-1 probabilities, then the label at `threshold`),
+    the members' spread, and each member's scores. Test rows without an input get
+    the training mean (or majority class)."""
     from mat_bench.training import CLASS_THRESHOLD, score
 
+    threshold = CLASS_THRESHOLD if threshold is None else threshold
     targets = test_df.target.to_numpy()
     preds = np.empty((len(members), len(test_df)))
     for m, (member, pred) in enumerate(zip(members, member_preds, strict=True)):
@@ -333,22 +405,21 @@ def fold_results(fold: int, members: Sequence[Any], member_preds: Sequence[np.nd
     if not np.isfinite(preds).all():
         raise UserError(f"training diverged: fold {fold}'s test predictions are not "
                         "all finite; try a lower --learning-rate")
-    mean = preds.mean(axis=0)
-    scores = score(targets, mean, task_type)
+    ensemble = aggregate(preds, aggregation)
+    scores = score(targets, ensemble, task_type, threshold)
     entry: dict[str, Any] = {**scores, "ensemble": len(members)}
     if len(members) > 1:
-        entry["members"] = [
-            {"seed": member.seed, **score(targets, pred, task_type),
-             **({} if val_scores is None else {"val": val_scores[m]})}
-            for m, (member, pred) in enumerate(zip(members, preds, strict=True))]
+        entry["members"] = [{"seed": member.seed,
+                             **score(targets, pred, task_type, threshold)}
+                            for member, pred in zip(members, preds, strict=True)]
     preds_entry: dict[str, Any] = {"mbid": list(test_df.index),
                                    "target": targets.tolist()}
     if task_type == "classification":
-        preds_entry["prediction"] = (mean >= CLASS_THRESHOLD).astype(int).tolist()
-        preds_entry["probability"] = mean.tolist()
+        preds_entry["prediction"] = (ensemble >= threshold).astype(int).tolist()
+        preds_entry["probability"] = ensemble.tolist()
         spread_key = "probability_std"
     else:
-        preds_entry["prediction"] = mean.tolist()
+        preds_entry["prediction"] = ensemble.tolist()
         spread_key = "prediction_std"
     if len(members) > 1:
         preds_entry[spread_key] = preds.std(axis=0).tolist()
@@ -437,6 +508,7 @@ def run_matbench(
         task_type=task_type, epochs=params["epochs"], batch_size=params["batch_size"],
         learning_rate=params["learning_rate"], weight_decay=params["weight_decay"],
         warmup_frac=params["warmup_frac"], robust=params["robust"],
+        gate=params["gate"], frac_jitter=params["frac_jitter"],
         amp=dev.type == "cuda" if params["amp"] is None else params["amp"],
         cuda_graphs=cuda_graphs,
     )
@@ -473,7 +545,6 @@ def run_matbench(
     }
     wandb_run = setup_wandb(wandb, wandb_project, wandb_entity,
                             f"{run_name}-{task}-{fold_tag(folds)}", run_params, out_dir)
-    last_metrics: dict[str, Any] = {}
     stop_requested: list[int] = []  # the signal asking to stop after this epoch
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -488,7 +559,6 @@ def run_matbench(
               "then stopping (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
 
     def on_epoch_end(epoch: int, metrics: dict[str, Any]) -> bool:
-        last_metrics.update(metrics)
         if not math.isfinite(metrics["train_loss"]):
             raise UserError(f"training diverged: the training loss is "
                             f"{metrics['train_loss']} after epoch {epoch}; try a lower "
@@ -521,9 +591,21 @@ def run_matbench(
                       f"{state.epoch}: checkpoint saved to {ckpt_path}; rerun the "
                       "same command to resume", 128 + signum)
 
-    # 6. predict each fold's test set and write its results
+    # 6. each fold's ensemble on its validation split: the label threshold is
+    # chosen here, never on the test fold
     metric = "mae" if task_type == "regression" else "rocauc"
-    val_members = last_metrics.get(f"val_{metric}_members")
+    targets = rows.target.to_numpy()
+    validation: dict[int, dict[str, Any]] = {}
+    if params["val_fraction"]:
+        val_preds = predict(state, data, [m.val_idx for m in members], cfg)
+        for fold in fold_ids:
+            idx = [m for m, member in enumerate(members) if member.fold == fold]
+            validation[fold] = fold_validation(
+                np.stack([val_preds[m] for m in idx]),
+                targets[members[idx[0]].val_idx], task_type,
+                params["ensemble_aggregation"], params["val_threshold"])
+
+    # 7. predict each fold's test set and write its results
     position = pd.Series(np.arange(len(rows)), index=rows.index)
     test_dfs = {fold: df.loc[test_ids] for fold, (_, test_ids) in fold_ids.items()}
     test_ok = {fold: test_df[input_col].notna().to_numpy()
@@ -534,13 +616,15 @@ def run_matbench(
     entries = {}
     for fold, test_df in test_dfs.items():
         idx = [m for m, member in enumerate(members) if member.fold == fold]
+        val = validation.get(fold, {})
         entry, preds_entry = fold_results(
             fold, [members[m] for m in idx], [member_preds[m] for m in idx], test_df,
-            test_ok[fold], rows,
-            task_type, None if val_members is None
-            else {k: val_members[m] for k, m in enumerate(idx)})
-        if val_members is not None:
-            entry[f"val_{metric}"] = float(np.mean([val_members[m] for m in idx]))
+            test_ok[fold], rows, task_type, params["ensemble_aggregation"],
+            val.get("threshold"))
+        for member, val_score in zip(entry.get("members", []),
+                                     val.pop("val_members", []), strict=True):
+            member["val"] = val_score
+        entry.update(val)
         n_samples = state.epoch * sum(len(m.fit_idx) for m in members)
         entry.update({
             "n_train": len(members[idx[0]].fit_idx),
@@ -585,15 +669,26 @@ def build_parser() -> argparse.ArgumentParser:
                 "seed", "frac_encoding"):
         hyper.add_argument(f"--{key.replace('_', '-')}", type=int, default=DEFAULTS[key])
     for key in ("learning_rate", "weight_decay", "warmup_frac", "dropout",
-                "val_fraction"):
+                "val_fraction", "frac_jitter"):
         hyper.add_argument(f"--{key.replace('_', '-')}", type=float,
                            default=DEFAULTS[key])
     hyper.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                        help="bf16 compute with fp32 master weights: autocast on CUDA, "
                        "a bf16 copy of the model on a CPU (default: on for CUDA, "
                        "off for CPU)")
-    hyper.add_argument("--robust", action="store_true",
+    hyper.add_argument("--robust", action=argparse.BooleanOptionalAction,
+                       default=DEFAULTS["robust"],
                        help="aviary's robust L1 loss with a learned uncertainty")
+    hyper.add_argument("--gate", action=argparse.BooleanOptionalAction,
+                       default=DEFAULTS["gate"], help="regression: the prediction "
+                       "times sigmoid of a second output, as CrabNet (exact zeros)")
+    hyper.add_argument("--ensemble-aggregation", choices=["mean", "median"],
+                       default=DEFAULTS["ensemble_aggregation"],
+                       help="a fold's prediction from its --ensemble members")
+    hyper.add_argument("--val-threshold", action=argparse.BooleanOptionalAction,
+                       default=DEFAULTS["val_threshold"],
+                       help="classification: label at the threshold with the best "
+                       "balanced accuracy on the validation split, not at 0.5")
     hyper.add_argument("--embedding-aggregations", nargs="+",
                        default=list(DEFAULTS["embedding_aggregations"]),
                        help="pooling of the transformer output: mean std sum min max")

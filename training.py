@@ -525,6 +525,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     warmup_frac: float = 0.05
     robust: bool = False
+    gate: bool = False  # regression: prediction x sigmoid(gate output), as CrabNet
+    frac_jitter: float = 0.0  # training: fractions x (1 + frac_jitter x N(0, 1))
     amp: bool = False  # bf16 compute, fp32 weights and optimizer
     cuda_graphs: bool = False  # capture the whole training step (CUDA, Roostformer)
 
@@ -603,6 +605,21 @@ class Bf16Copy:
         self.weights.copy_(self.master)
 
 
+def regression_output(output: Tensor, cfg: TrainConfig, norm_mean: Tensor,
+                      norm_std: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A regression head's (M, B) prediction in normalized units and its log
+    standard deviation (robust loss; else None). Outputs: [value, gate (cfg.gate)]
+    then as many log standard deviations (cfg.robust, as aviary doubles them). With
+    a gate, the prediction in target units is sigmoid(gate) x value, so the model
+    can predict exactly 0 (a metal's band gap) whatever the targets' mean."""
+    value = output[..., 0]
+    if cfg.gate:
+        mean, std = norm_mean[:, None], norm_std[:, None]
+        value = (torch.sigmoid(output[..., 1]) * (value * std + mean) - mean) / std
+    log_std = output[..., 2 if cfg.gate else 1] if cfg.robust else None
+    return value, log_std
+
+
 def member_losses(output: Tensor, targets: Tensor, weight: Tensor, cfg: TrainConfig,
                   norm_mean: Tensor, norm_std: Tensor) -> Tensor:
     """Each member's mean loss (M,) over its real materials (weight 1): L1 on
@@ -611,11 +628,11 @@ def member_losses(output: Tensor, targets: Tensor, weight: Tensor, cfg: TrainCon
     output = output.float()
     if cfg.task_type == "regression":
         normed = (targets - norm_mean[:, None]) / norm_std[:, None]
-        if cfg.robust:  # aviary.losses.robust_l1_loss, per material
-            pred, log_std = output.unbind(dim=-1)
+        pred, log_std = regression_output(output, cfg, norm_mean, norm_std)
+        if log_std is not None:  # aviary.losses.robust_l1_loss, per material
             per = 2**0.5 * (pred - normed).abs() * torch.exp(-log_std) + log_std
         else:
-            per = (output[..., 0] - normed).abs()
+            per = (pred - normed).abs()
     else:
         if cfg.robust:
             pre_logits, log_std = output.chunk(2, dim=-1)
@@ -634,9 +651,22 @@ def output_to_prediction(output: Tensor, cfg: TrainConfig, norm_mean: Tensor,
     """De-normalized predictions (regression) or class-1 probabilities, (M, B)."""
     output = output.float()
     if cfg.task_type == "regression":
-        return output[..., 0] * norm_std[:, None] + norm_mean[:, None]
+        pred, _ = regression_output(output, cfg, norm_mean, norm_std)
+        return pred * norm_std[:, None] + norm_mean[:, None]
     logits = output[..., : output.shape[-1] // 2] if cfg.robust else output
     return logits.softmax(dim=-1)[..., 1]
+
+
+def jitter_fractions(inputs: tuple, sigma: float) -> tuple:
+    """Model inputs with each token's fraction scaled by 1 + sigma x N(0, 1) (at
+    least 1e-3 of itself) and renormalized to sum to 1 per sequence: CrabNet's
+    augmentation. Padding (fraction 0) stays 0."""
+    if not sigma:
+        return inputs
+    frac = inputs[1]
+    noisy = frac * (1 + sigma * torch.randn_like(frac)).clamp(min=1e-3)
+    noisy = noisy / noisy.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+    return (inputs[0], noisy, *inputs[2:])
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -657,24 +687,67 @@ def autocast(device: torch.device, enabled: bool, cache: bool = True
 CLASS_THRESHOLD = 0.5  # class-1 probability at or above which the label is 1
 
 
-def score(targets: np.ndarray, preds: np.ndarray, task_type: str) -> dict[str, float]:
-    """Matbench's metrics: MAE, RMSE, R^2 (regression) or ROC-AUC, accuracy, F1 from
-    the class-1 probability at CLASS_THRESHOLD (classification)."""
-    from sklearn.metrics import accuracy_score, f1_score, r2_score, roc_auc_score
+def score(targets: np.ndarray, preds: np.ndarray, task_type: str,
+          threshold: float = CLASS_THRESHOLD) -> dict[str, float]:
+    """Matbench's metrics: MAE, RMSE, R^2 (regression) or, from class-1
+    probabilities, their ROC-AUC and the accuracy, F1 and balanced accuracy of the
+    labels at `threshold` (classification). Matbench scores the labels, whose ROC-AUC
+    is their balanced accuracy."""
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        f1_score,
+        r2_score,
+        roc_auc_score,
+    )
 
     if not np.isfinite(preds).all():  # diverged: no metric means anything
         names = ("mae", "rmse", "r2") if task_type == "regression" else (
-            "rocauc", "accuracy", "f1")
+            "rocauc", "accuracy", "f1", "balanced_accuracy")
         return dict.fromkeys(names, math.nan)
     if task_type == "regression":
         err = preds - targets
         return {"mae": float(np.abs(err).mean()),
                 "rmse": float(np.sqrt((err**2).mean())),
                 "r2": float(r2_score(targets, preds))}
-    labels = preds >= CLASS_THRESHOLD
+    labels = preds >= threshold
     return {"rocauc": float(roc_auc_score(targets, preds)),
             "accuracy": float(accuracy_score(targets, labels)),
-            "f1": float(f1_score(targets, labels))}
+            "f1": float(f1_score(targets, labels)),
+            "balanced_accuracy": float(balanced_accuracy_score(targets, labels))}
+
+
+def best_threshold(targets: np.ndarray, probs: np.ndarray) -> float:
+    """The class-1 probability threshold that maximizes the balanced accuracy of
+    the labels (Matbench's ROC-AUC of labels) on these materials: the midpoint
+    between two neighbouring probabilities, the middle one of equal bests."""
+    order = np.argsort(probs, kind="stable")
+    probs, targets = probs[order], targets[order].astype(bool)
+    n_pos, n_neg = targets.sum(), (~targets).sum()
+    if not n_pos or not n_neg:
+        return CLASS_THRESHOLD
+    # threshold below probs[k]: materials k.. are labelled 1
+    tpr = (n_pos - np.concatenate([[0], np.cumsum(targets)])) / n_pos
+    tnr = np.concatenate([[0], np.cumsum(~targets)]) / n_neg
+    cuts = np.concatenate([[probs[0] / 2], (probs[1:] + probs[:-1]) / 2,
+                           [np.nextafter(probs[-1], np.inf)]])
+    distinct = np.concatenate([[True], probs[1:] > probs[:-1], [True]])
+    balanced = np.where(distinct, tpr + tnr, -np.inf)
+    best = np.flatnonzero(balanced == balanced.max())
+    return float(cuts[best[len(best) // 2]])
+
+
+def crossfit_balanced_accuracy(targets: np.ndarray, probs: np.ndarray,
+                               seed: int = 0) -> float:
+    """An unbiased estimate of the balanced accuracy that best_threshold buys: the
+    materials split in two halves at random, each half labelled at the threshold
+    chosen on the other, the two halves' balanced accuracies averaged."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    half = np.random.default_rng(seed).permutation(len(targets)) % 2 == 0
+    return float(np.mean([
+        balanced_accuracy_score(targets[part], probs[part] >= best_threshold(
+            targets[~part], probs[~part])) for part in (half, ~half)]))
 
 
 @dataclass
@@ -706,6 +779,8 @@ def new_train_state(model: str, data: TaskData, members: Sequence[Member],
     cfg.amp on a CPU, training runs on a Bf16Copy (the optimizer updates its flat fp32
     master); on CUDA, under autocast. model_kwargs go to aviary's Wrenformer (d_model,
     n_attn_layers, n_attn_heads, dropout, embedding_aggregations, ...)."""
+    if cfg.gate and cfg.task_type != "regression":
+        raise ValueError("a gate takes regression tasks only")
     if cfg.cuda_graphs and data.is_wren:
         raise ValueError("CUDA graphs take Roostformer only (Wrenformer's steps vary "
                          "in their number of sequences)")
@@ -715,7 +790,8 @@ def new_train_state(model: str, data: TaskData, members: Sequence[Member],
         nets.append(MatbenchTransformer(
             wyckoff=model == "wrenformer", frac_encoding_dims=frac_encoding_dims,
             task_dict={"target": cfg.task_type}, robust=cfg.robust,
-            n_targets=[1 if cfg.task_type == "regression" else 2], **model_kwargs))
+            n_targets=[(2 if cfg.gate else 1) if cfg.task_type == "regression" else 2],
+            **model_kwargs))
     net = StackedTransformer(nets).to(data.device)
     means, stds = [], []
     for member in members:
@@ -791,7 +867,8 @@ class GraphedStep:
         mat = self.mat.index_select(0, self.step).squeeze(0)
         weight = self.weight.index_select(0, self.step).squeeze(0)
         with autocast(data.device, cfg.amp, cache=False):
-            output = state.model(*data.inputs(mat, data.max_len))
+            output = state.model(*jitter_fractions(data.inputs(mat, data.max_len),
+                                                   cfg.frac_jitter))
         losses = member_losses(output, data.targets[mat], weight, cfg, state.norm_mean,
                                state.norm_std)
         losses.sum().backward()
@@ -875,7 +952,7 @@ def train(state: TrainState, data: TaskData, cfg: TrainConfig, *,
             for step in range(len(plan)):
                 inputs, targets, weight, _ = data.step(plan, step)
                 with autocast(data.device, cfg.amp and bf16 is None):
-                    output = net(*inputs)
+                    output = net(*jitter_fractions(inputs, cfg.frac_jitter))
                 losses = member_losses(output, targets, weight, cfg, state.norm_mean,
                                        state.norm_std)
                 if bf16:
