@@ -5,34 +5,50 @@ tests import shared code as `from mat_bench.data import ...` wherever the clone 
 """
 
 import os
+from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # featurized data sets live here (generated, never committed); override with an env var
 DATA_DIR = os.environ.get("MATBENCH_DATA_DIR", os.path.join(ROOT, "data"))
 
-# task -> (target column, task type, input type), as in Matbench v0.1's metadata
-TASK_INFO: dict[str, tuple[str, str, str]] = {
-    "matbench_steels": ("yield strength", "regression", "composition"),
-    "matbench_jdft2d": ("exfoliation_en", "regression", "structure"),
-    "matbench_phonons": ("last phdos peak", "regression", "structure"),
-    "matbench_expt_gap": ("gap expt", "regression", "composition"),
-    "matbench_dielectric": ("n", "regression", "structure"),
-    "matbench_expt_is_metal": ("is_metal", "classification", "composition"),
-    "matbench_glass": ("gfa", "classification", "composition"),
-    "matbench_log_gvrh": ("log10(G_VRH)", "regression", "structure"),
-    "matbench_log_kvrh": ("log10(K_VRH)", "regression", "structure"),
-    "matbench_perovskites": ("e_form", "regression", "structure"),
-    "matbench_mp_gap": ("gap pbe", "regression", "structure"),
-    "matbench_mp_is_metal": ("is_metal", "classification", "structure"),
-    "matbench_mp_e_form": ("e_form", "regression", "structure"),
+
+
+METRICS = {"regression": "mae", "classification": "rocauc"}  # Matbench ranks by
+
+
+class TaskInfo(NamedTuple):
+    """A Matbench v0.1 task's metadata, as in matbench.metadata.mbv01_metadata."""
+
+    target: str  # target column
+    task_type: str  # "regression" or "classification"
+    input_type: str  # "composition" or "structure"
+
+    @property
+    def metric(self) -> str:
+        """The metric Matbench ranks the task by: mae or rocauc."""
+        return METRICS[self.task_type]
+
+
+TASK_INFO: dict[str, TaskInfo] = {  # smallest to largest
+    "matbench_steels": TaskInfo("yield strength", "regression", "composition"),
+    "matbench_jdft2d": TaskInfo("exfoliation_en", "regression", "structure"),
+    "matbench_phonons": TaskInfo("last phdos peak", "regression", "structure"),
+    "matbench_expt_gap": TaskInfo("gap expt", "regression", "composition"),
+    "matbench_dielectric": TaskInfo("n", "regression", "structure"),
+    "matbench_expt_is_metal": TaskInfo("is_metal", "classification", "composition"),
+    "matbench_glass": TaskInfo("gfa", "classification", "composition"),
+    "matbench_log_gvrh": TaskInfo("log10(G_VRH)", "regression", "structure"),
+    "matbench_log_kvrh": TaskInfo("log10(K_VRH)", "regression", "structure"),
+    "matbench_perovskites": TaskInfo("e_form", "regression", "structure"),
+    "matbench_mp_gap": TaskInfo("gap pbe", "regression", "structure"),
+    "matbench_mp_is_metal": TaskInfo("is_metal", "classification", "structure"),
+    "matbench_mp_e_form": TaskInfo("e_form", "regression", "structure"),
 }
-ALL_TASKS = tuple(TASK_INFO)  # smallest to largest
-STRUCTURE_TASKS = tuple(t for t, info in TASK_INFO.items() if info[2] == "structure")
-COMPOSITION_TASKS = tuple(t for t, info in TASK_INFO.items() if info[2] == "composition")
-CLASSIFICATION_TASKS = tuple(
-    t for t, info in TASK_INFO.items() if info[1] == "classification"
-)
-REGRESSION_TASKS = tuple(t for t, info in TASK_INFO.items() if info[1] == "regression")
+ALL_TASKS = tuple(TASK_INFO)
+STRUCTURE_TASKS = tuple(t for t, info in TASK_INFO.items()
+                        if info.input_type == "structure")
+# matbench's: a class-1 probability above this is class 1 (matbench.constants)
+CLASS_THRESHOLD = 0.5
 N_FOLDS = 5
 
 # task name -> featurized data file written by featurize_matbench.py

@@ -1,8 +1,9 @@
-"""Training throughput: aviary's own loop against this project's trainer, on the same
+r"""Training throughput: aviary's own loop against this project's trainer, on the same
 data, model, batch size, optimizer (AdamW) and learning rate.
 
 Examples:
-    python benchmark_training.py                          # 3 cases, batch 32, this machine
+    python benchmark_training.py                          # 3 cases, batch 32,
+                                                          # this machine
     python benchmark_training.py --amp --max-train 4000   # bf16 on a CPU too
     python benchmark_training.py --device cuda --batch-sizes 32 1024
     python benchmark_training.py --cases roostformer-expt_gap --max-train 500 --epochs 2
@@ -39,14 +40,18 @@ from typing import Any
 
 import numpy as np
 
-# defaults in one place: the model of run_matbench.py's DEFAULTS, aviary's raw features
+from mat_bench.data import HelpFormatter
+from mat_bench.runs import DEFAULTS
+
+# defaults in one place: the model of runs.DEFAULTS, aviary's raw features
 CASES = {
     "roostformer-expt_gap": ("roostformer", "matbench_expt_gap"),
     "roostformer-mp_e_form": ("roostformer", "matbench_mp_e_form"),
     "wrenformer-phonons": ("wrenformer", "matbench_phonons"),
 }
-MODEL = {"d_model": 128, "n_attn_layers": 3, "n_attn_heads": 4}
-LEARNING_RATE = 5e-4
+MODEL = {"d_model": DEFAULTS["d_model"], "n_attn_layers": DEFAULTS["n_attn_layers"],
+         "n_attn_heads": DEFAULTS["n_heads"]}
+LEARNING_RATE = DEFAULTS["learning_rate"]  # (the speed does not depend on it)
 EPOCHS = 3  # the first is the warm-up
 BATCH_SIZES = (32,)
 IMPLS = ("aviary", "ours")
@@ -112,8 +117,8 @@ def measure_ours(frames: Sequence, model: str, batch_size: int, device: str,
     """This project's trainer on all frames at once: one member per (frame, seed),
     stacked into one model (tokens on the device, length buckets, fused AdamW)."""
     import aviary.wren.data  # noqa: F401  imported before the clock starts, as
-    import pymatgen.core  # noqa: F401  measure_aviary imports aviary's loader
     import pandas as pd
+    import pymatgen.core  # noqa: F401  measure_aviary imports aviary's loader
     import torch
 
     from mat_bench.training import (
@@ -128,8 +133,8 @@ def measure_ours(frames: Sequence, model: str, batch_size: int, device: str,
     dev = torch.device(device)
     start = time.perf_counter()
     both = pd.concat(frames)
-    data = TaskData(tokenize(model, list(both.inputs)), both.target.to_numpy(np.float32),
-                    dev)
+    data = TaskData(tokenize(model, list(both.inputs)),
+                    both.target.to_numpy(np.float32), dev)
     bounds = np.cumsum([0] + [len(df) for df in frames])
     members = [Member(fold, seed, np.arange(bounds[fold], bounds[fold + 1]),
                       np.arange(0))
@@ -212,7 +217,8 @@ def run_in_subprocess(impl: str, case: str, batch_size: int, device: str, epochs
         cmd.append("--amp" if amp else "--no-amp")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"{impl} {case} bs {batch_size} failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(
+            f"{impl} {case} bs {batch_size} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -220,14 +226,14 @@ def label_speed(workers: Sequence[int], n_structures: int | None) -> list[dict]:
     """Wyckoff labels per second on matbench_phonons: spglib vs moyopy, one process
     vs several, and the share of labels (and space groups) the two tools agree on."""
     from mat_bench.data import load_raw_task
-    from mat_bench.featurize_matbench import label_structures
+    from mat_bench.wyckoff import label_structures
 
     structures = list(load_raw_task("matbench_phonons").structure)[:n_structures]
     rows, labels = [], {}
     for backend in ("spglib", "moyopy"):
         for n_proc in workers:
             start = time.perf_counter()
-            result = label_structures(structures, backend=backend, workers=n_proc,
+            result = label_structures(structures, tool=backend, workers=n_proc,
                                       desc=f"{backend} x{n_proc}")
             seconds = time.perf_counter() - start
             labels[backend] = [label for label, _ in result]
@@ -239,7 +245,8 @@ def label_speed(workers: Sequence[int], n_structures: int | None) -> list[dict]:
              if a and b]
     spg = lambda label: label.split(":")[0].split("_")[2]  # noqa: E731
     rows.append({"backend": "spglib vs moyopy", "structures": len(pairs),
-                 "identical_labels_pct": round(100 * np.mean([a == b for a, b in pairs]), 2),
+                 "identical_labels_pct": round(
+                     100 * np.mean([a == b for a, b in pairs]), 2),
                  "same_spacegroup_pct": round(
                      100 * np.mean([spg(a) == spg(b) for a, b in pairs]), 2)})
     return rows
@@ -272,13 +279,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     cols = list(dict.fromkeys(key for row in rows for key in row))
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in cols) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in cols) + " |"
+              for row in rows]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))

@@ -1,4 +1,4 @@
-"""Compare the Aflow-style Wyckoff labels (Wrenformer's input) that different symmetry
+r"""Compare the Aflow-style Wyckoff labels (Wrenformer's input) that different symmetry
 tools assign to the structures of one Matbench task.
 
 Labels come from spglib and moyopy (through pymatgen.analysis.prototypes) and from
@@ -15,8 +15,10 @@ crystal system, and each tool's time per structure. It writes:
 
 Examples:
     python compare_spglib_vs_aflow_wyckoff_labels.py
-    python compare_spglib_vs_aflow_wyckoff_labels.py --task matbench_phonons --symprec 1e-3
-    python compare_spglib_vs_aflow_wyckoff_labels.py --symprec 0.01 --out-dir results/wyckoff_loose
+    python compare_spglib_vs_aflow_wyckoff_labels.py --task matbench_phonons \
+        --symprec 1e-3
+    python compare_spglib_vs_aflow_wyckoff_labels.py --symprec 0.01 \
+        --out-dir results/wyckoff_loose
 
 Structures come from `load_raw_task` (set MATBENCH_RAW_DIR to the folder holding the
 task's `<task>.json.gz`). PNG export needs kaleido and Chrome/Chromium: set
@@ -28,29 +30,35 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from itertools import combinations
 from pathlib import Path
 
 import pandas as pd
-from mat_bench import ROOT, STRUCTURE_TASKS, TASK_INFO
-from mat_bench.data import UserError, atomic_path, check_task, load_raw_task
-from mat_bench.plotting_functions import write_figures
 
-TOOLS = ("spglib", "moyopy", "aflow")
+from mat_bench import ROOT, STRUCTURE_TASKS, TASK_INFO
+from mat_bench.data import (
+    HelpFormatter,
+    UserError,
+    atomic_path,
+    check_task,
+    load_raw_task,
+)
+from mat_bench.plotting_functions import write_figures
+from mat_bench.wyckoff import TOOLS, protostructure_label
+
 DEFAULT_OUT_DIR = os.path.join(ROOT, "results", "compare_wyckoff")
 # a valid label: <formula>_<pearson>_<spg>_<wyckoffs...>:<chemsys>, no whitespace
-LABEL_RE = re.compile(r"^[A-Za-z0-9]+_[a-zA-Z]{2}\d+_(\d{1,3})(_[A-Za-z0-9]+)+:[A-Za-z-]+$")
+LABEL_RE = re.compile(
+    r"^[A-Za-z0-9]+_[a-zA-Z]{2}\d+_(\d{1,3})(_[A-Za-z0-9]+)+:[A-Za-z-]+$"
+)
 CRYSTAL_SYSTEMS = (  # (last space group number, name)
     (2, "triclinic"),
     (15, "monoclinic"),
@@ -75,7 +83,7 @@ def check_symprec(symprec: float) -> None:
 def check_structure_task(task: str) -> None:
     """Raise UserError for an unknown task or one whose inputs are compositions."""
     check_task(task)
-    if TASK_INFO[task][2] != "structure":
+    if TASK_INFO[task].input_type != "structure":
         raise UserError(
             f"{task} has compositions only, no structures to label: choose a "
             f"structure task ({', '.join(STRUCTURE_TASKS)})"
@@ -118,59 +126,11 @@ def crystal_system(spg_num: int | None) -> str | None:
     return next(name for last, name in CRYSTAL_SYSTEMS if spg_num <= last)
 
 
-def aflow_label(struct, symprec: float, executable: str = "aflow") -> str:
-    """Label from `aflow --prototype` at tolerance `symprec`, built and checked like
-    pymatgen's get_protostructure_label_from_aflow, which has no tolerance option
-    (and, in pymatgen 2026.10, loses the Wyckoff letters of AFLOW's labels)."""
-    from pymatgen.analysis.prototypes import (
-        canonicalize_element_wyckoffs,
-        get_formula_from_protostructure_label,
-    )
-    from pymatgen.core import Composition
-
-    proc = subprocess.run(
-        [executable, "--prototype", "--print=json", f"--tolerance={symprec}"],
-        input=struct.to(fmt="poscar"), text=True, capture_output=True, check=True,
-        timeout=600,
-    )
-    formula, pearson, spg_num, *wyckoffs = json.loads(proc.stdout)[
-        "aflow_prototype_label"].split("_")
-    # canonicalize_element_wyckoffs needs explicit counts (a2b -> 1a2b): without them
-    # it drops the letters, as pymatgen's own AFLOW function does ("AB_cF8_225__")
-    counted = "_".join(re.sub(r"(?<![0-9])([a-zA-Z])", r"1\1", wyk) for wyk in wyckoffs)
-    wyckoffs = canonicalize_element_wyckoffs(counted, spg_num)
-    label = f"{formula}_{pearson}_{spg_num}_{wyckoffs}:{struct.chemical_system}"
-    # the Wyckoff multiplicities must reproduce the structure's composition
-    observed = Composition(get_formula_from_protostructure_label(label)).reduced_formula
-    if observed != struct.composition.reduced_formula:
-        return f"Invalid WP multiplicities - {label}, expected {observed} to be " \
-            f"{struct.composition.reduced_formula}"
-    return label
-
-
 def label_structure(tool: str, struct, symprec: float) -> str:
-    """One structure's label from one tool; an error message (never an exception)
-    when the tool fails."""
-    from pymatgen.analysis import prototypes
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if tool == "spglib":
-                return prototypes.get_protostructure_label_from_spglib(
-                    struct, raise_errors=False, init_symprec=symprec
-                )
-            if tool == "moyopy":
-                return prototypes.get_protostructure_label_from_moyopy(
-                    struct, raise_errors=False, symprec=symprec
-                ) or "moyopy returned no label"
-            if tool == "aflow":
-                return aflow_label(struct, symprec)
-    except subprocess.CalledProcessError as exc:
-        return f"aflow failed ({exc.returncode}): {(exc.stderr or '').strip()[:200]}"
-    except Exception as exc:  # a tool's own failure on this structure
-        return f"{type(exc).__name__}: {str(exc)[:200]}"
-    raise ValueError(f"unknown tool {tool!r}: choose from {TOOLS}")
+    """One structure's label from one tool; the reason (never an exception) when
+    the tool fails."""
+    label, error = protostructure_label(struct, tool, symprec)
+    return label or str(error)
 
 
 _WARM_TOOLS: set[str] = set()  # tools whose imports this process has done
@@ -198,7 +158,10 @@ def compute_labels(
     returns columns label and seconds (time spent labelling each structure)."""
     structs = list(structures)
     chunk = max(1, min(50, math.ceil(len(structs) / (4 * max(workers, 1)))))
-    jobs = [(tool, symprec, structs[i : i + chunk]) for i in range(0, len(structs), chunk)]
+    jobs = [
+        (tool, symprec, structs[i : i + chunk])
+        for i in range(0, len(structs), chunk)
+    ]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = [row for part in pool.map(_label_chunk, jobs) for row in part]
@@ -207,7 +170,9 @@ def compute_labels(
     return pd.DataFrame(results, index=structures.index, columns=["label", "seconds"])
 
 
-def cache_path(out_dir: str | os.PathLike, task: str, tool: str, symprec: float) -> Path:
+def cache_path(
+    out_dir: str | os.PathLike, task: str, tool: str, symprec: float
+) -> Path:
     """Where the labels of one task, tool and symprec are cached."""
     return Path(out_dir) / "cache" / f"labels_{task}_{tool}_symprec{symprec:g}.csv"
 
@@ -270,7 +235,10 @@ def agreement(table: pd.DataFrame, tools: Sequence[str]) -> pd.DataFrame:
         both = table[table[f"{tool_a}_spg"].notna() & table[f"{tool_b}_spg"].notna()]
         n_both = len(both)
 
-        def pct(col: str = "", fix=lambda label: label) -> float:
+        def pct(
+            col: str = "", fix=lambda label: label, both=both, tool_a=tool_a,
+            tool_b=tool_b, n_both=n_both,
+        ) -> float:
             same = both[f"{tool_a}{col}"].map(fix) == both[f"{tool_b}{col}"].map(fix)
             return round(100 * same.sum() / n_both, 2) if n_both else float("nan")
 
@@ -299,7 +267,7 @@ def disagreements(table: pd.DataFrame, tools: Sequence[str]) -> pd.DataFrame:
 
 
 # --- figures ------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def spg_symbol(spg_num: int) -> str:
     """Short Hermann-Mauguin symbol of a space group number, e.g. 14 -> P2_1/c."""
     import moyopy
@@ -321,7 +289,8 @@ def _node_names(
 
         keys = series.map(key)
         names = series.map(
-            lambda num: "failed" if pd.isna(num) else f"{spg_symbol(int(num))} ({int(num)})"
+            lambda num: "failed" if pd.isna(num)
+            else f"{spg_symbol(int(num))} ({int(num)})"
         )
         names[keys == 500] = "other space groups"
     else:
@@ -345,7 +314,8 @@ def sankey_figure(
     keep = None
     if col == "spg":
         changed = src.ne(dst) & src.notna() & dst.notna()
-        keep = set(src.value_counts().index[:n_top]) | set(src[changed]) | set(dst[changed])
+        keep = (set(src.value_counts().index[:n_top]) | set(src[changed])
+                | set(dst[changed]))
         keep = {int(num) for num in keep}
     names_a, order_a = _node_names(src, col, keep)
     names_b, order_b = _node_names(dst, col, keep)
@@ -353,7 +323,8 @@ def sankey_figure(
         f"{tool_b}: {name}" for name in order_b
     ]
     index = {name: idx for idx, name in enumerate(nodes)}
-    flows = pd.DataFrame({"a": names_a, "b": names_b}).value_counts().reset_index(name="n")
+    flows = (pd.DataFrame({"a": names_a, "b": names_b}).value_counts()
+             .reset_index(name="n"))
     differ = flows.a != flows.b  # changed space groups are never lumped
 
     def node_y(names: pd.Series, order: list[str]) -> list[float]:
@@ -361,7 +332,8 @@ def sankey_figure(
         sizes = names.value_counts()[order].to_numpy() / len(names)
         gap = 0.3 / max(len(order) - 1, 1)
         tops = [sum(sizes[:idx]) * 0.7 + idx * gap for idx in range(len(order))]
-        return [min(max(top + 0.35 * size, 0.001), 0.999) for top, size in zip(tops, sizes)]
+        return [min(max(top + 0.35 * size, 0.001), 0.999)
+                for top, size in zip(tops, sizes, strict=True)]
 
     fig = go.Figure(go.Sankey(
         arrangement="snap",
@@ -374,7 +346,8 @@ def sankey_figure(
             source=[index[f"{tool_a}: {name}"] for name in flows.a],
             target=[index[f"{tool_b}: {name}"] for name in flows.b],
             value=flows.n.tolist(),
-            color=["rgba(214,39,40,0.7)" if d else "rgba(140,140,140,0.3)" for d in differ],
+            color=["rgba(214,39,40,0.7)" if d else "rgba(140,140,140,0.3)"
+                   for d in differ],
         ),
     ))
     n_diff = int((names_a != names_b).sum())
@@ -454,7 +427,8 @@ def compare_labels(
     if pair is None:
         pair = ("spglib", "aflow") if "aflow" in tools else tuple(tools[:2])
     if len(pair) != 2 or pair[0] == pair[1] or set(pair) - set(tools):
-        why = " (no `aflow` binary on PATH)" if "aflow" in set(pair) - set(tools) else ""
+        why = (" (no `aflow` binary on PATH)" if "aflow" in set(pair) - set(tools)
+               else "")
         raise UserError(
             f"cannot draw {' vs '.join(pair)}{why}: pick two different tools among "
             f"{', '.join(tools)}"
@@ -469,7 +443,9 @@ def compare_labels(
         df = df.iloc[:limit]
     labels, timing = {}, []
     for tool in tools:
-        tool_labels, n_new = get_labels(df, tool, symprec, out_dir, task, workers, force)
+        tool_labels, n_new = get_labels(
+            df, tool, symprec, out_dir, task, workers, force
+        )
         labels[tool] = tool_labels.label
         spg = tool_labels.label.map(spg_num_from_label)
         timing.append({
@@ -502,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--task", default="matbench_phonons",
                         help="a Matbench structure task (default: matbench_phonons)")

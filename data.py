@@ -4,10 +4,11 @@ Matbench's own folds, and the JSON result files that many jobs merge into at onc
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
-import importlib.util
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -28,6 +29,20 @@ DOWNLOAD_TIMEOUT_S = 60  # per socket operation of a download: no network never 
 
 class UserError(Exception):
     """An error the user can fix; scripts print its one-line message and exit 2."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: the module docstring's examples as written, and each
+    flag's default (unless it is None, or False for a plain switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        hidden = any(action.default is value for value in (None, False,
+                                                           argparse.SUPPRESS))
+        shown = not hidden or isinstance(action, argparse.BooleanOptionalAction)
+        if shown and "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
 # --- checks -----------------------------------------------------------------------
@@ -97,7 +112,7 @@ def find_raw_file(task: str) -> Path | None:
 
 
 def mbids(task: str, n_rows: int) -> list[str]:
-    """Matbench ids in data set order, as matbench builds them (mb-phonons-0001, ...)."""
+    """Matbench ids in data set order, as matbench builds them: mb-phonons-0001, ..."""
     n_digits = math.floor(math.log(n_rows, 10)) + 1
     prefix = task.replace("matbench", "mb").replace("_", "-")
     return [f"{prefix}-{idx + 1:0{n_digits}d}" for idx in range(n_rows)]
@@ -203,7 +218,8 @@ def get_fold_ids(task: str, fold: int) -> tuple[list[str], list[str]]:
 def _matbench_splits() -> dict[str, Any]:
     spec = importlib.util.find_spec("matbench")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("matbench is not installed: pip install --no-deps matbench==0.6")
+        raise UserError("matbench is not installed: pip install --no-deps "
+                        "matbench==0.6")
     path = Path(spec.submodule_search_locations[0]) / "matbench_v0.1_validation.json"
     with open(path) as file:
         return json.load(file)["splits"]

@@ -16,67 +16,27 @@ A structure that the symmetry tool cannot label is kept, with its error in
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import signal
 import sys
 import time
-import warnings
 from collections.abc import Sequence
-from functools import partial
 
 import pandas as pd
+
 from mat_bench import ALL_TASKS, DATA_PATHS, TASK_INFO
-from mat_bench.data import UserError, atomic_path, check_task, load_raw_task
-from tqdm import tqdm
+from mat_bench.data import (
+    HelpFormatter,
+    UserError,
+    atomic_path,
+    check_task,
+    load_raw_task,
+)
+from mat_bench.wyckoff import SYMPREC, TOOL, label_structures
 
-# defaults in one place
-SYMPREC = 0.1
-BACKEND = "spglib"
-WORKERS = os.cpu_count() or 1
-
-
-def protostructure_label(struct, backend: str = BACKEND, symprec: float = SYMPREC
-                         ) -> tuple[str | None, str | None]:
-    """Return (label, None) for a structure, or (None, error message) if the symmetry
-    tool cannot label it. Never raises."""
-    from pymatgen.analysis.prototypes import (
-        get_protostructure_label_from_moyopy,
-        get_protostructure_label_from_spglib,
-    )
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if backend == "moyopy":
-                label = get_protostructure_label_from_moyopy(
-                    struct, raise_errors=True, symprec=symprec
-                )
-            else:
-                label = get_protostructure_label_from_spglib(
-                    struct, raise_errors=True, init_symprec=symprec
-                )
-    except Exception as exc:  # spglib/moyopy failures come in many types
-        return None, f"{type(exc).__name__}: {exc}"[:300]
-    return label, None
+WORKERS = os.cpu_count() or 1  # labelling processes
 
 
-def label_structures(structures: Sequence, backend: str = BACKEND,
-                     symprec: float = SYMPREC, workers: int = WORKERS,
-                     desc: str = "labelling") -> list[tuple[str | None, str | None]]:
-    """Label structures in parallel over processes, in input order, with a progress
-    bar."""
-    func = partial(protostructure_label, backend=backend, symprec=symprec)
-    chunksize = max(1, min(256, len(structures) // (4 * max(workers, 1)) or 1))
-    if workers <= 1:
-        return [func(s) for s in tqdm(structures, desc=desc, mininterval=2)]
-    ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
-    with ctx.Pool(workers, initializer=_ignore_sigint) as pool:
-        return list(tqdm(pool.imap(func, structures, chunksize=chunksize),
-                         total=len(structures), desc=desc, mininterval=2))
-
-
-def featurize_task(task: str, backend: str = BACKEND, symprec: float = SYMPREC,
+def featurize_task(task: str, backend: str = TOOL, symprec: float = SYMPREC,
                    workers: int = WORKERS) -> dict[str, object]:
     """Featurize one task and write DATA_PATHS[task] atomically; return its summary."""
     start = time.perf_counter()
@@ -97,13 +57,13 @@ def featurize_task(task: str, backend: str = BACKEND, symprec: float = SYMPREC,
     return {
         "task": task, "rows": len(out), "labelled": n_labelled, "failed": n_failed,
         "seconds": round(time.perf_counter() - start, 1),
-        "note": ("" if "structure" in raw or TASK_INFO[task][2] == "composition"
+        "note": ("" if "structure" in raw or TASK_INFO[task].input_type == "composition"
                  else "structures not available: no Wyckoff labels"),
     }
 
 
 def featurize(tasks: Sequence[str] = ALL_TASKS, force: bool = False,
-              backend: str = BACKEND, symprec: float = SYMPREC,
+              backend: str = TOOL, symprec: float = SYMPREC,
               workers: int = WORKERS) -> pd.DataFrame:
     """Featurize the given tasks (skipping those already done unless `force`) and
     return a per-task summary table."""
@@ -130,14 +90,9 @@ def featurize(tasks: Sequence[str] = ALL_TASKS, force: bool = False,
     return summary.reindex(columns=[c for c in cols if c in summary])
 
 
-def _ignore_sigint() -> None:
-    """Labelling workers leave Ctrl-C to the main process, which stops them all."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), metavar="T",
                         help="tasks to featurize (default: all 13)")
@@ -147,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="processes for Wyckoff labelling (default: all cores)")
     parser.add_argument("--symprec", type=float, default=SYMPREC,
                         help="symmetry tolerance in Angstrom")
-    parser.add_argument("--backend", choices=["spglib", "moyopy"], default=BACKEND,
+    parser.add_argument("--backend", choices=["spglib", "moyopy"], default=TOOL,
                         help="symmetry tool for the Wyckoff labels")
     args = parser.parse_args(argv)
     try:
@@ -156,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # tasks already written are complete; none is half-written
+    except KeyboardInterrupt:  # tasks written are complete; none is half-written
         print("stopped by SIGINT (Ctrl-C): the tasks written so far are complete, the "
               "current one was not written; rerun to go on", file=sys.stderr)
         return 130

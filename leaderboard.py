@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from mat_bench import ALL_TASKS, N_FOLDS, ROOT, TASK_INFO
+from sklearn.metrics import accuracy_score, f1_score, r2_score, roc_auc_score
+
+from mat_bench import ALL_TASKS, CLASS_THRESHOLD, N_FOLDS, ROOT, TASK_INFO
 from mat_bench.data import (
     UserError,
     atomic_path,
@@ -32,7 +34,6 @@ from mat_bench.data import (
     read_json_results,
     read_run_preds,
 )
-from sklearn.metrics import accuracy_score, f1_score, r2_score, roc_auc_score
 
 # --- defaults, in one place -------------------------------------------------------
 DEFAULT_SCORES_DIR = os.path.join(ROOT, "model_scores")
@@ -53,7 +54,6 @@ MODEL_LABELS = {"roostformer": "Roostformer", "wrenformer": "Wrenformer"}
 PRED_COLUMNS = ["task", "fold", "mbid", "target", "prediction", "probability"]
 REG_METRICS = ("mae", "rmse", "r2")
 CLF_METRICS = ("rocauc", "rocauc_prob", "accuracy", "f1")
-CLF_THRESHOLD = 0.5  # matbench's: probability > 0.5 is class 1
 SCORE_COLUMNS = [*REG_METRICS, *CLF_METRICS, "scaled_error"]
 # one row per model, task and fold
 FOLD_COLUMNS = ["name", "source", "key", "task", "fold", "n_test", *SCORE_COLUMNS]
@@ -99,13 +99,13 @@ def mad(task: str) -> float:
 
 def task_metric(task: str) -> str:
     """The metric Matbench ranks a task by: mae (regression) or rocauc."""
-    return "mae" if TASK_INFO[task][1] == "regression" else "rocauc"
+    return TASK_INFO[task].metric
 
 
 def scaled_error(task: str, scores: dict[str, float]) -> float:
     """MAE / MAD for regression, (1 - ROC-AUC) / 0.5 for classification: 0 is
     perfect, 1 is no better than the mean or a coin flip."""
-    if TASK_INFO[task][1] == "regression":
+    if TASK_INFO[task].task_type == "regression":
         return scores["mae"] / mad(task)
     return (1 - scores["rocauc"]) / 0.5
 
@@ -115,13 +115,14 @@ def score_fold(task: str, fold_preds: pd.DataFrame) -> dict[str, float]:
 
     Regression: MAE, RMSE, R^2. Classification, as matbench 0.6 scores a recorded
     fold (and so as the published leaderboard shows it): accuracy, F1 and rocauc
-    from the class labels, i.e. recorded labels or probabilities thresholded at
-    0.5 (matbench turns probabilities into labels before its ROC-AUC); and
-    rocauc_prob, the ROC-AUC of the class-1 probabilities where a model recorded
-    them (NaN otherwise)."""
+    from the class labels in `prediction` (a published entry's probabilities
+    thresholded as matbench does, above CLASS_THRESHOLD; our runs' labels, at the
+    threshold the run chose on validation or CLASS_THRESHOLD); and rocauc_prob,
+    the ROC-AUC of the class-1 probabilities where a model recorded them (NaN
+    otherwise)."""
     target = fold_preds["target"].to_numpy()
     pred = fold_preds["prediction"].to_numpy(dtype=float)
-    if TASK_INFO[task][1] == "regression":
+    if TASK_INFO[task].task_type == "regression":
         target = target.astype(float)
         scores = {
             "mae": float(np.mean(np.abs(pred - target))),
@@ -132,7 +133,7 @@ def score_fold(task: str, fold_preds: pd.DataFrame) -> dict[str, float]:
         truth = target.astype(bool)
         prob = fold_preds["probability"].to_numpy(dtype=float)
         has_prob = not np.isnan(prob).any()
-        labels = prob > CLF_THRESHOLD if has_prob else pred > 0.5
+        labels = pred > 0.5  # the recorded class labels (0 or 1)
         scores = {
             "rocauc": float(roc_auc_score(truth, labels)),
             "rocauc_prob": float(roc_auc_score(truth, prob)) if has_prob else np.nan,
@@ -339,7 +340,7 @@ def is_composition_only(name: str, task: str) -> bool:
     base = name.removesuffix(SCORES_ONLY_MARK)
     if base == "Dummy":
         return False
-    return TASK_INFO[task][2] == "composition" or base in COMPOSITION_ONLY
+    return TASK_INFO[task].input_type == "composition" or base in COMPOSITION_ONLY
 
 
 
@@ -415,10 +416,11 @@ def read_entry(entry: Path, tasks: list[str] | None = None,
             _check_test_ids(f"leaderboard entry {entry.name}:", task, fold, ids)
             frame = pd.DataFrame({"task": task, "fold": fold, "mbid": ids,
                                   "target": targets.loc[ids].to_numpy()})
-            if TASK_INFO[task][1] == "classification" and any(
+            if TASK_INFO[task].task_type == "classification" and any(
                     isinstance(v, float) for v in values):  # probabilities
                 frame["probability"] = np.asarray(values, dtype=float)
-                frame["prediction"] = (frame["probability"] > 0.5).astype(float)
+                frame["prediction"] = (frame["probability"] > CLASS_THRESHOLD
+                                       ).astype(float)
             else:  # regression values, or class labels (bools)
                 frame["prediction"] = np.asarray(values, dtype=float)
                 frame["probability"] = np.nan

@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+
 from mat_bench import ALL_TASKS, N_FOLDS, ROOT, TASK_INFO
-from mat_bench.data import UserError, atomic_path, check_task
+from mat_bench.data import HelpFormatter, UserError, atomic_path, check_task
 from mat_bench.leaderboard import (
     BENCHMARKS_ENV,
     DEFAULT_PREDS_DIR,
@@ -140,7 +141,8 @@ def terminal_table(table: pd.DataFrame) -> str:
         text = pd.DataFrame({
             "": [">>" if s == OURS else "" for s in sub["source"]],
             "rank": sub["rank"], "model": sub["model"], "folds": sub["folds"],
-            metric: [f"{m:.4g} ± {s:.2g}" for m, s in zip(sub["mean"], sub["std"])],
+            metric: [f"{m:.4g} ± {s:.2g}" for m, s in zip(sub["mean"], sub["std"],
+                                                               strict=True)],
             "scaled error": [f"{v:.4f}" for v in sub["scaled_error"]],
         })
         if sub["rocauc_prob"].notna().any():
@@ -196,7 +198,8 @@ def results_markdown(table: pd.DataFrame, runs: list[Results]) -> str:
     machine, all read from the result files."""
     lines = ["| task | model | folds | ours | rank | best published | best "
              "composition-only | CrabNet | epochs | train time per fold | machine |",
-             "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | --- |"]
+             "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: "
+             "| --- |"]
     for run in runs:
         for task in run.tasks:
             sub = table[table["task"] == task]
@@ -259,7 +262,7 @@ def build_figures(runs: list[Results], published: list[Results],
         preds = {run.name: run.task_preds(task) for run in runs if task in run.tasks}
         preds |= {name: by_name[name].task_preds(task)
                   for name in choose_peers(per_task, task, peers) if name in by_name}
-        if TASK_INFO[task][1] == "regression":
+        if TASK_INFO[task].task_type == "regression":
             figures[f"parity_{short_task(task)}"] = parity_figure(task, preds, ours)
         else:
             figures[f"roc_{short_task(task)}"] = roc_figure(task, preds, ours)
@@ -377,7 +380,7 @@ def make_plots(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--scores-dir", default=DEFAULT_SCORES_DIR,
                         help="our runs' scores (default: model_scores/)")
     parser.add_argument("--preds-dir", default=DEFAULT_PREDS_DIR,

@@ -1,4 +1,4 @@
-"""Turn one of our runs into a Matbench leaderboard submission folder.
+r"""Turn one of our runs into a Matbench leaderboard submission folder.
 
 Examples:
     python make_submission.py --run roostformer-all \
@@ -38,8 +38,8 @@ from typing import Any
 
 import pandas as pd
 
-from mat_bench import ALL_TASKS, N_FOLDS, ROOT, TASK_INFO
-from mat_bench.data import UserError, load_raw_task
+from mat_bench import ALL_TASKS, CLASS_THRESHOLD, N_FOLDS, ROOT, TASK_INFO
+from mat_bench.data import HelpFormatter, UserError, load_raw_task
 from mat_bench.leaderboard import (
     DEFAULT_PREDS_DIR,
     DEFAULT_SCORES_DIR,
@@ -155,16 +155,24 @@ def matbench_frame(task: str) -> pd.DataFrame:
 
 def fold_values(run: Results, task: str, fold: int, test_ids: list[str]) -> list:
     """The run's predictions of one fold in matbench's test-id order: floats for
-    regression, class-1 probabilities for classification."""
+    regression; for classification the class-1 probabilities where matbench's own
+    threshold (above CLASS_THRESHOLD) gives the run's labels, else the labels as
+    bools (a run whose threshold was chosen on validation): matbench scores labels."""
     preds = run.task_preds(task)
-    preds = preds[preds["fold"] == fold].set_index("mbid")
-    column = "prediction" if TASK_INFO[task][1] == "regression" else "probability"
-    values = preds[column].reindex(test_ids)
+    preds = preds[preds["fold"] == fold].set_index("mbid").reindex(test_ids)
+    column = "prediction"
+    if TASK_INFO[task].task_type == "classification":
+        labels = preds["prediction"] > 0.5
+        if ((preds["probability"] > CLASS_THRESHOLD) == labels).all():
+            column = "probability"
+    values = preds[column]
     if values.isna().any():
         what = "class probabilities" if column == "probability" else "predictions"
         raise UserError(f"run {run.key!r} lacks {what} for {values.isna().sum()} test "
                         f"samples of {task} fold_{fold}: rerun that fold with "
                         "run_matbench.py")
+    if TASK_INFO[task].task_type == "classification" and column == "prediction":
+        return [bool(v > 0.5) for v in values]
     return [float(v) for v in values]
 
 
@@ -339,7 +347,7 @@ def make_submission(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--run", required=True, help="run name (file stem in "
                         "model_scores/ and model_preds/)")
     parser.add_argument("--scores-dir", default=DEFAULT_SCORES_DIR,

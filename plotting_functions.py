@@ -30,7 +30,7 @@ from sklearn.metrics import r2_score, roc_auc_score, roc_curve
 
 from mat_bench import ALL_TASKS, N_FOLDS, TASK_INFO
 from mat_bench.data import UserError, atomic_path
-from mat_bench.leaderboard import CLF_THRESHOLD, OURS, task_metric
+from mat_bench.leaderboard import OURS, task_metric
 
 # --- defaults, in one place -------------------------------------------------------
 OUR_COLORS = ("#d62728", "#ff7f0e", "#9467bd", "#e377c2", "#8c564b", "#bcbd22")
@@ -238,7 +238,8 @@ def roc_figure(task: str, preds: dict[str, pd.DataFrame], ours: set[str]
                ) -> go.Figure:
     """ROC curves of one classification task (all test folds pooled) from each
     model's class-1 probabilities, with their ROC-AUC and, marked by a dot, the
-    operating point at probability 0.5 whose ROC-AUC is the one matbench scores.
+    operating point of the recorded labels (probability above 0.5, or our run's
+    threshold chosen on validation), whose ROC-AUC is the one matbench scores.
     Published entries that recorded labels only have that point alone."""
     colors = _color_map(list(preds), ours)
     fig = go.Figure()
@@ -246,14 +247,13 @@ def roc_figure(task: str, preds: dict[str, pd.DataFrame], ours: set[str]
         truth = frame["target"].to_numpy().astype(bool)
         prob = frame["probability"].to_numpy(float)
         has_prob = not np.isnan(prob).any()
-        labels = prob > CLF_THRESHOLD if has_prob else \
-            frame["prediction"].to_numpy(float) > 0.5
+        labels = frame["prediction"].to_numpy(float) > 0.5  # recorded labels
         label_auc = roc_auc_score(truth, labels)
         fold_note = _fold_note(frame["fold"].nunique())
         if has_prob:
             fpr, tpr, _ = roc_curve(truth, prob)
             legend = (f"{name}: ROC-AUC {roc_auc_score(truth, prob):.4f} "
-                      f"(at 0.5: {label_auc:.4f}){fold_note}")
+                      f"(labels: {label_auc:.4f}){fold_note}")
         else:
             fpr, tpr, _ = roc_curve(truth, labels)
             legend = f"{name}: ROC-AUC {label_auc:.4f} (labels only){fold_note}"

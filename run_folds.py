@@ -1,4 +1,4 @@
-"""Run many (task, fold) jobs of run_matbench.py on one machine, a few at a time, or
+r"""Run many (task, fold) jobs of run_matbench.py on one machine, a few at a time, or
 with --per-task one job per task training its folds together (stacked), and skip
 the folds a run has already recorded: a workstation's resumable alternative to
 slurm_submit.py. With --grid, one run per combination of hyperparameters (a search
@@ -8,8 +8,8 @@ only, never the test fold's).
 Examples:
     python run_folds.py --model roostformer --run-name roostformer \
         --tasks matbench_steels matbench_expt_gap                  # all 5 folds each
-    python run_folds.py --model wrenformer --run-name wrenformer --tasks matbench_phonons \
-        --parallel 4 --device cuda                                 # 4 folds at once on a GPU
+    python run_folds.py --model wrenformer --run-name wrenformer \
+        --tasks matbench_phonons --parallel 4 --device cuda   # 4 folds at once on a GPU
     python run_folds.py --model roostformer --run-name search --tasks matbench_steels \
         --folds 0 --grid frac_encoding=0,64 learning_rate=5e-4,1e-3   # validation table
     python run_folds.py --model roostformer --run-name roostformer --per-task \
@@ -34,10 +34,17 @@ import numpy as np
 import pandas as pd
 
 from mat_bench import ALL_TASKS, N_FOLDS, ROOT, TASK_INFO
-from mat_bench.data import UserError, check_fold, check_task, read_json_results
-from mat_bench.run_matbench import check_run_name
-from mat_bench.slurm_submit import (
+from mat_bench.data import (
+    HelpFormatter,
+    UserError,
+    check_fold,
+    check_task,
+    read_json_results,
+)
+from mat_bench.runs import (
+    MODELS,
     check_run_args,
+    check_run_name,
     done_pairs,
     run_matbench_args,
     scores_path,
@@ -76,7 +83,8 @@ def grid_runs(run_name: str, grid: Sequence[str]) -> list[tuple[str, list[str]]]
 def run_job(cmd: list[str], log_path: Path) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(cmd, cwd=ROOT, stdout=log,
+                              stderr=subprocess.STDOUT).returncode
 
 
 VALIDATION_COLUMNS = {  # validation metrics of a fold's scores entry, by task type
@@ -95,8 +103,9 @@ def validation_table(out_dir: Path, run_names: Sequence[str]) -> pd.DataFrame:
     rows = []
     for name in run_names:
         for task, folds in read_json_results(scores_path(out_dir, name)).items():
-            task_type = TASK_INFO[task][1]
-            entries = [f for f in folds.values() if VALIDATION_COLUMNS[task_type][0] in f]
+            task_type = TASK_INFO[task].task_type
+            first = VALIDATION_COLUMNS[task_type][0]
+            entries = [f for f in folds.values() if first in f]
             if not entries:
                 continue
             row: dict = {"run": name, "task": task, "folds": len(entries),
@@ -113,16 +122,22 @@ def validation_table(out_dir: Path, run_names: Sequence[str]) -> pd.DataFrame:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, choices=["roostformer", "wrenformer"])
-    parser.add_argument("--run-name", required=True)
-    parser.add_argument("--tasks", nargs="+", default=list(ALL_TASKS))
-    parser.add_argument("--folds", nargs="+", type=int, default=list(range(N_FOLDS)))
+        description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", required=True, choices=MODELS)
+    parser.add_argument("--run-name", required=True, help="results file name; with "
+                        "--grid, the prefix of each combination's")
+    parser.add_argument("--tasks", nargs="+", default=list(ALL_TASKS),
+                        help="Matbench tasks (default: all 13)")
+    parser.add_argument("--folds", nargs="+", type=int, default=list(range(N_FOLDS)),
+                        help="folds of each task")
     parser.add_argument("--parallel", type=int, default=1, help="jobs at once")
     parser.add_argument("--per-task", action="store_true",
                         help="one job per task, its missing folds stacked in one model")
-    parser.add_argument("--out-dir", default=ROOT)
-    parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2")
+    parser.add_argument("--out-dir", default=ROOT, help="folder for model_scores/, "
+                        "model_preds/, checkpoints/ and job-logs/")
+    parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                        help="one run per combination of hyperparameter values "
+                        "(switches: key=true,false)")
     parser.add_argument("--table", default=None, metavar="CSV",
                         help="with --grid: also write the validation table here")
     args, passthrough = parser.parse_known_args(argv)
@@ -158,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "--task", task, "--folds", *map(str, folds), "--run-name",
                        name, "--out-dir", str(out_dir), "--no-progress", *flags,
                        *passthrough]
-                jobs.append((cmd, out_dir / "job-logs" / f"{name}-{task}-fold_{tag}.log"))
+                log = out_dir / "job-logs" / f"{name}-{task}-fold_{tag}.log"
+                jobs.append((cmd, log))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Train and test Roostformer or Wrenformer on Matbench tasks: one fold, or several
+r"""Train and test Roostformer or Wrenformer on Matbench tasks: one fold, or several
 folds and an ensemble per fold stacked into one model on the device.
 
 Examples:
@@ -12,22 +12,22 @@ Examples:
 
 Each test fold's predictions go to OUT_DIR/model_preds/RUN/TASK.json.gz and its
 scores to OUT_DIR/model_scores/RUN.json, merged under a file lock so that many jobs
-of one run can write at once. Folds are Matbench v0.1's own. A member is a (fold, seed) pair
-with its own validation split of the training fold (--val-fraction), normalizer,
-initial weights and batch order; --folds F.. --ensemble E trains len(F) x E members
-at once (seeds SEED .. SEED+E-1 per fold), each fold's prediction being the mean of its
-members. The validation split is only watched, never used to pick a model: the final
-epoch's model is tested.
+of one run can write at once. Folds are Matbench v0.1's own. A member is a (fold,
+seed) pair with its own normalizer, initial weights and batch order; the members of
+a fold share one validation split of its training fold (--val-fraction).
+--folds F.. --ensemble E trains len(F) x E members at once (seeds SEED .. SEED+E-1
+per fold), each fold's prediction aggregating its members' (--ensemble-aggregation).
+The validation split never picks a model (the final epoch's model is tested); it
+scores the ensemble and, with --val-threshold, picks the classification threshold.
+Every hyperparameter's default lives in runs.HYPERPARAMETERS.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import os
 import platform
-import re
 import signal
 import socket
 import subprocess
@@ -39,43 +39,31 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from mat_bench import ROOT, STRUCTURE_TASKS, TASK_INFO
+
+from mat_bench import CLASS_THRESHOLD, METRICS, ROOT, TASK_INFO
 from mat_bench.data import (
     UserError,
     atomic_path,
-    check_fold,
-    check_task,
     get_fold_ids,
     load_featurized,
     merge_fold_results,
-    preds_file,
     read_json_results,
 )
+from mat_bench.runs import (
+    DEFAULTS,
+    build_run_parser,
+    check_args,
+    check_device,
+    check_folds,
+    check_out_dir,
+    check_run_name,
+    checkpoint_path,
+    default_run_name,
+    fold_tag,
+    preds_path,
+    scores_path,
+)
 
-MODELS = ("roostformer", "wrenformer")
-# defaults in one place: the hyperparameters used for every committed result
-DEFAULTS: dict[str, Any] = {
-    "epochs": 300,
-    "batch_size": 128,
-    "learning_rate": 1e-3,
-    "weight_decay": 1e-2,
-    "warmup_frac": 0.05,
-    "n_attn_layers": 3,
-    "d_model": 128,
-    "n_heads": 4,
-    "dropout": 0.0,
-    "embedding_aggregations": ("mean",),
-    "frac_encoding": 64,  # dims of the sinusoidal fraction encoding, 0 = off
-    "robust": False,
-    "gate": False,  # regression: prediction x sigmoid(gate), as CrabNet's
-    "frac_jitter": 0.0,  # training augmentation: fractions x (1 + jitter x N(0, 1))
-    "ensemble_aggregation": "mean",  # a fold's prediction from its members: or median
-    "val_threshold": False,  # classification: the label threshold chosen on the
-    # validation split (the best balanced accuracy) instead of 0.5
-    "val_fraction": 0.1,
-    "seed": 0,
-    "amp": None,  # bf16 compute, fp32 master weights: None = on for CUDA, off for CPU
-}
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
 
 
@@ -88,10 +76,6 @@ class Stopped(Exception):
         self.code = code
 
 
-def default_run_name(model: str) -> str:
-    return f"{model}-{datetime.datetime.now():%Y-%m-%d@%H-%M}"
-
-
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
@@ -99,112 +83,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
-
-
-def check_args(model: str, task: str, fold: int, params: dict[str, Any],
-               wandb_mode: str, checkpoint: str) -> None:
-    """Raise UserError for any bad argument, before anything is loaded or written."""
-    if model not in MODELS:
-        raise UserError(f"unknown model {model!r}: use roostformer or wrenformer")
-    check_task(task)
-    check_fold(fold)
-    if model == "wrenformer" and task not in STRUCTURE_TASKS:
-        raise UserError(
-            f"wrenformer needs crystal structures but {task} is a composition-only "
-            "task: use --model roostformer"
-        )
-    for key in ("epochs", "batch_size", "n_attn_layers", "d_model", "n_heads"):
-        if params[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1, "
-                            f"got {params[key]}")
-    if params["d_model"] % params["n_heads"]:
-        raise UserError(f"--d-model {params['d_model']} must be divisible by "
-                        f"--n-heads {params['n_heads']}")
-    if not 0 <= params["val_fraction"] < 0.5:
-        raise UserError("--val-fraction must be in [0, 0.5)")
-    ranges = {  # flag: (lowest, highest, highest included), all finite
-        "learning_rate": (0.0, math.inf, False), "weight_decay": (0.0, math.inf, False),
-        "warmup_frac": (0.0, 1.0, True), "dropout": (0.0, 1.0, False),
-        "seed": (0, math.inf, False)}
-    for key, (low, high, high_ok) in ranges.items():
-        value = params[key]
-        above_low = value > low if key == "learning_rate" else value >= low
-        below_high = value <= high if high_ok else value < high
-        if not (math.isfinite(value) and above_low and below_high):
-            flag = f"--{key.replace('_', '-')}"
-            want = {"learning_rate": "a finite number above 0",
-                    "weight_decay": "a finite number, 0 or more",
-                    "warmup_frac": "in [0, 1]", "dropout": "in [0, 1)",
-                    "seed": "a whole number, 0 or more"}[key]
-            raise UserError(f"{flag} must be {want}, got {value}")
-    if not (math.isfinite(params["frac_jitter"]) and 0 <= params["frac_jitter"] < 0.5):
-        raise UserError(f"--frac-jitter must be in [0, 0.5), got {params['frac_jitter']}")
-    if params["ensemble_aggregation"] not in ("mean", "median"):
-        raise UserError("--ensemble-aggregation must be mean or median, got "
-                        f"{params['ensemble_aggregation']!r}")
-    task_type = TASK_INFO[task][1]
-    if params["gate"] and task_type != "regression":
-        raise UserError(f"--gate takes regression tasks and {task} is a "
-                        "classification task: drop --gate")
-    if params["val_threshold"] and task_type != "classification":
-        raise UserError(f"--val-threshold takes classification tasks and {task} is a "
-                        "regression task: drop --val-threshold")
-    if params["val_threshold"] and not params["val_fraction"]:
-        raise UserError("--val-threshold needs a validation split: set --val-fraction "
-                        "above 0")
-    if params["frac_encoding"] < 0 or params["frac_encoding"] % 4:
-        raise UserError("--frac-encoding must be 0 or a positive multiple of 4")
-    bad_aggs = set(params["embedding_aggregations"]) - {"mean", "std", "sum", "min",
-                                                         "max"}
-    if bad_aggs or not params["embedding_aggregations"]:
-        raise UserError("--embedding-aggregations takes one or more of mean std sum "
-                        f"min max, got {list(params['embedding_aggregations'])}")
-    if wandb_mode not in ("disabled", "offline", "online"):
-        raise UserError("--wandb must be disabled, offline or online")
-    if checkpoint not in ("none", "local"):
-        raise UserError("--checkpoint must be none or local")
-
-
-RUN_NAME_PATTERN = r"[\w+@=-][\w.+@=-]*"  # a plain file name: no path, no leading dot
-
-
-def check_run_name(run_name: str) -> None:
-    """Raise UserError unless run_name can name the results files."""
-    if not re.fullmatch(RUN_NAME_PATTERN, run_name):
-        raise UserError(f"--run-name {run_name!r} must be a plain file name: letters, "
-                        "digits and . _ - + @ =, not starting with a dot")
-
-
-def check_device(device: str | None) -> None:
-    """Raise UserError for a device torch cannot train on here."""
-    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise UserError(f"--device {device!r} is not supported: use cpu or cuda "
-                        "(cuda:N for the N-th GPU)")
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """Raise UserError unless out_dir is (or can be made) a writable folder."""
-    existing = out_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise UserError(f"--out-dir {out_dir}: {existing} is a file, not a folder: "
-                        "choose another --out-dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out-dir {out_dir}: {existing} is not writable: choose "
-                        "another --out-dir")
-
-
-def check_folds(folds: Sequence[int], ensemble: int) -> None:
-    """Raise UserError for bad --folds or --ensemble values."""
-    if not folds:
-        raise UserError("give at least one fold: --fold F or --folds F [F ...]")
-    for fold in folds:
-        check_fold(fold)
-    if len(set(folds)) != len(folds):
-        raise UserError(f"--folds {' '.join(map(str, folds))} repeats a fold")
-    if ensemble < 1:
-        raise UserError(f"--ensemble must be at least 1, got {ensemble}")
 
 
 def load_task(model: str, task: str, folds: Sequence[int]
@@ -283,21 +161,6 @@ def setup_wandb(mode: str, project: str, entity: str | None, run_name: str,
                       settings=wandb.Settings(silent=True))
 
 
-def fold_tag(folds: Sequence[int]) -> str:
-    """fold_3, or folds_0-1-2-3-4."""
-    return (f"fold_{folds[0]}" if len(folds) == 1
-            else f"folds_{'-'.join(map(str, folds))}")
-
-
-def checkpoint_path(out_dir: Path, run_name: str, task: str, folds: Sequence[int],
-                    ensemble: int) -> Path:
-    """Where a run's checkpoint lives (one file per task and set of members)."""
-    name = f"{task}-{fold_tag(folds)}"
-    if ensemble > 1 or len(folds) > 1:
-        name += f"-ensemble_{ensemble}"
-    return out_dir / "checkpoints" / run_name / f"{name}.pt"
-
-
 def save_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
     import torch
 
@@ -354,13 +217,12 @@ def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
     labels' balanced accuracy at CLASS_THRESHOLD and the cross-fitted balanced
     accuracy that choosing the threshold buys."""
     from mat_bench.training import (
-        CLASS_THRESHOLD,
         best_threshold,
         crossfit_balanced_accuracy,
         score,
     )
 
-    metric = "mae" if task_type == "regression" else "rocauc"
+    metric = METRICS[task_type]
     ensemble = aggregate(val_preds, aggregation)
     out: dict[str, Any] = {}
     if task_type == "classification":
@@ -392,7 +254,7 @@ def fold_results(fold: int, members: Sequence[Any], member_preds: Sequence[np.nd
     classification: of the class-1 probabilities, then the label at `threshold`),
     the members' spread, and each member's scores. Test rows without an input get
     the training mean (or majority class)."""
-    from mat_bench.training import CLASS_THRESHOLD, score
+    from mat_bench.training import score
 
     threshold = CLASS_THRESHOLD if threshold is None else threshold
     targets = test_df.target.to_numpy()
@@ -401,7 +263,7 @@ def fold_results(fold: int, members: Sequence[Any], member_preds: Sequence[np.nd
         preds[m, test_ok] = pred
         fit_mean = rows.target.iloc[member.fit_idx].mean()
         preds[m, ~test_ok] = (fit_mean if task_type == "regression"
-                              else float(fit_mean >= CLASS_THRESHOLD))
+                              else float(fit_mean > CLASS_THRESHOLD))
     if not np.isfinite(preds).all():
         raise UserError(f"training diverged: fold {fold}'s test predictions are not "
                         "all finite; try a lower --learning-rate")
@@ -415,7 +277,7 @@ def fold_results(fold: int, members: Sequence[Any], member_preds: Sequence[np.nd
     preds_entry: dict[str, Any] = {"mbid": list(test_df.index),
                                    "target": targets.tolist()}
     if task_type == "classification":
-        preds_entry["prediction"] = (ensemble >= threshold).astype(int).tolist()
+        preds_entry["prediction"] = (ensemble > threshold).astype(int).tolist()
         preds_entry["probability"] = ensemble.tolist()
         spread_key = "probability_std"
     else:
@@ -446,7 +308,8 @@ def run_matbench(
     """Train `model` on the training folds of `task`, `ensemble` members per fold (all
     stacked into one model on the device), test each fold's ensemble on its test
     fold, merge predictions and scores into OUT_DIR/model_preds/RUN/TASK.json.gz and
-    OUT_DIR/model_scores/RUN.json and return the scores entry of each fold. Hyperparameters not given take DEFAULTS."""
+    OUT_DIR/model_scores/RUN.json and return the scores entry of each fold.
+    Hyperparameters not given take runs.DEFAULTS."""
     # 1. arguments, before anything is loaded or written
     folds = [folds] if isinstance(folds, int) else list(folds)
     unknown = set(hyperparams) - set(DEFAULTS)
@@ -462,18 +325,19 @@ def run_matbench(
     check_run_name(run_name)
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
-    scores_path = out_dir / "model_scores" / f"{run_name}.json"
-    preds_path = preds_file(out_dir / "model_preds", run_name, task)
-    for path in (scores_path, preds_path):  # refuse unreadable files before training
+    scores_file, preds_file = scores_path(out_dir, run_name), preds_path(out_dir,
+                                                                         run_name, task)
+    for path in (scores_file, preds_file):  # refuse unreadable files before training
         read_json_results(path)
 
     # 2. data: the task's rows, each member's training and validation split
     df, input_col, fold_ids = load_task(model, task, folds)
-    task_type = TASK_INFO[task][1]
+    task_type = TASK_INFO[task].task_type
     members, rows = split_members(df, input_col, fold_ids, ensemble, params["seed"],
                                   params["val_fraction"])
 
     import torch
+
     from mat_bench.training import (
         TaskData,
         TrainConfig,
@@ -508,7 +372,8 @@ def run_matbench(
         task_type=task_type, epochs=params["epochs"], batch_size=params["batch_size"],
         learning_rate=params["learning_rate"], weight_decay=params["weight_decay"],
         warmup_frac=params["warmup_frac"], robust=params["robust"],
-        gate=params["gate"], frac_jitter=params["frac_jitter"],
+        gate=params["gate"] and task_type == "regression",
+        frac_jitter=params["frac_jitter"],
         amp=dev.type == "cuda" if params["amp"] is None else params["amp"],
         cuda_graphs=cuda_graphs,
     )
@@ -593,7 +458,7 @@ def run_matbench(
 
     # 6. each fold's ensemble on its validation split: the label threshold is
     # chosen here, never on the test fold
-    metric = "mae" if task_type == "regression" else "rocauc"
+    metric = TASK_INFO[task].metric
     targets = rows.target.to_numpy()
     validation: dict[int, dict[str, Any]] = {}
     if params["val_fraction"]:
@@ -603,7 +468,8 @@ def run_matbench(
             validation[fold] = fold_validation(
                 np.stack([val_preds[m] for m in idx]),
                 targets[members[idx[0]].val_idx], task_type,
-                params["ensemble_aggregation"], params["val_threshold"])
+                params["ensemble_aggregation"],
+                params["val_threshold"] and task_type == "classification")
 
     # 7. predict each fold's test set and write its results
     position = pd.Series(np.arange(len(rows)), index=rows.index)
@@ -636,13 +502,14 @@ def run_matbench(
             "finished": datetime.datetime.now().isoformat(timespec="seconds"),
             "params": run_params,
         })
-        merge_fold_results(preds_path, scores_path, task, {fold: (preds_entry, entry)})
+        merge_fold_results(preds_file, scores_file, task, {fold: (preds_entry, entry)})
         entries[fold] = entry
         print(f"{model} {task} fold {fold}: test {metric} = {entry[metric]:.4g}"
               f"{f' (ensemble of {ensemble})' if ensemble > 1 else ''}", flush=True)
-    print(f"{len(members)} members, {state.epoch} epochs in {state.train_seconds:.1f} s "
+    print(f"{len(members)} members, {state.epoch} epochs in "
+          f"{state.train_seconds:.1f} s "
           f"({entries[folds[0]]['samples_per_sec']:,.0f} training samples/s) -> "
-          f"{scores_path}", flush=True)
+          f"{scores_file}", flush=True)
     if wandb_run is not None:
         wandb_run.summary.update({f"test_{k}_fold_{fold}": entry[k]
                                   for fold, entry in entries.items()
@@ -652,69 +519,8 @@ def run_matbench(
     return entries
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, choices=MODELS)
-    parser.add_argument("--task", required=True, help="a Matbench v0.1 task name")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--fold", type=int, help="one fold, 0 to 4")
-    which.add_argument("--folds", type=int, nargs="+",
-                       help="several folds, trained together (stacked) in one process")
-    parser.add_argument("--ensemble", type=int, default=1,
-                        help="models per fold, seeds SEED .. SEED+E-1, stacked with "
-                        "the folds; a fold's prediction is their mean (default: 1)")
-    hyper = parser.add_argument_group("hyperparameters (defaults: DEFAULTS)")
-    for key in ("epochs", "batch_size", "n_attn_layers", "d_model", "n_heads",
-                "seed", "frac_encoding"):
-        hyper.add_argument(f"--{key.replace('_', '-')}", type=int, default=DEFAULTS[key])
-    for key in ("learning_rate", "weight_decay", "warmup_frac", "dropout",
-                "val_fraction", "frac_jitter"):
-        hyper.add_argument(f"--{key.replace('_', '-')}", type=float,
-                           default=DEFAULTS[key])
-    hyper.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                       help="bf16 compute with fp32 master weights: autocast on CUDA, "
-                       "a bf16 copy of the model on a CPU (default: on for CUDA, "
-                       "off for CPU)")
-    hyper.add_argument("--robust", action=argparse.BooleanOptionalAction,
-                       default=DEFAULTS["robust"],
-                       help="aviary's robust L1 loss with a learned uncertainty")
-    hyper.add_argument("--gate", action=argparse.BooleanOptionalAction,
-                       default=DEFAULTS["gate"], help="regression: the prediction "
-                       "times sigmoid of a second output, as CrabNet (exact zeros)")
-    hyper.add_argument("--ensemble-aggregation", choices=["mean", "median"],
-                       default=DEFAULTS["ensemble_aggregation"],
-                       help="a fold's prediction from its --ensemble members")
-    hyper.add_argument("--val-threshold", action=argparse.BooleanOptionalAction,
-                       default=DEFAULTS["val_threshold"],
-                       help="classification: label at the threshold with the best "
-                       "balanced accuracy on the validation split, not at 0.5")
-    hyper.add_argument("--embedding-aggregations", nargs="+",
-                       default=list(DEFAULTS["embedding_aggregations"]),
-                       help="pooling of the transformer output: mean std sum min max")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda "
-                        "if available)")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="capture the whole training step in a CUDA graph "
-                        "(Roostformer on CUDA; experimental, off by default)")
-    parser.add_argument("--run-name", default=None, help="results file name (default: "
-                        "model and timestamp); jobs sharing it share the files")
-    parser.add_argument("--out-dir", default=ROOT,
-                        help="folder holding model_scores/ and model_preds/")
-    parser.add_argument("--wandb", default="disabled",
-                        choices=["disabled", "offline", "online"])
-    parser.add_argument("--wandb-project", default="matbench")
-    parser.add_argument("--wandb-entity", default=None)
-    parser.add_argument("--checkpoint", default="none", choices=["none", "local"],
-                        help="local: save OUT_DIR/checkpoints/RUN/TASK-fold_F.pt every "
-                        "10 epochs and on SIGTERM, and resume from it")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_run_parser(__doc__).parse_args(argv))
     fold, folds = args.pop("fold"), args.pop("folds")
     fixed = {"model": args.pop("model"), "task": args.pop("task"),
              "folds": [fold] if folds is None else folds}

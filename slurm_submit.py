@@ -1,4 +1,4 @@
-"""Run the Matbench benchmark on a SLURM cluster as one job array: one element per
+r"""Run the Matbench benchmark on a SLURM cluster as one job array: one element per
 (task, fold) pair, or with --per-task one per task training its folds together
 (stacked), each running run_matbench.py, all merging into the same
 OUT_DIR/model_scores/RUN.json and OUT_DIR/model_preds/RUN/TASK.json.gz.
@@ -53,10 +53,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-from mat_bench import ALL_TASKS, DATA_PATHS, N_FOLDS, ROOT, STRUCTURE_TASKS
-from mat_bench.data import UserError, check_fold, check_task, read_json_results
-from mat_bench.run_matbench import check_run_name
+from mat_bench import ROOT
+from mat_bench.data import HelpFormatter, UserError
+from mat_bench.runs import (
+    FOLD_VAR,
+    FOLDS_VAR,
+    MODELS,
+    TASK_VAR,
+    check_run_args,
+    check_run_name,
+    done_pairs,
+    gpu_count,
+    run_matbench_args,
+    scores_path,
+    select_pairs,
+)
 
 # sbatch defaults in one place; every one has a flag
 DEFAULTS: dict[str, Any] = {
@@ -72,174 +83,7 @@ DEFAULTS: dict[str, Any] = {
 RUN_SCRIPT = Path(ROOT) / "run_matbench.py"
 
 
-# --- what to run ------------------------------------------------------------------
-def has_wyckoff_labels(task: str) -> bool:
-    """Whether the task's featurized file exists and holds at least one Wyckoff
-    (protostructure) label, which Wrenformer needs."""
-    path = DATA_PATHS[task]
-    if not os.path.isfile(path):
-        return False
-    try:
-        if "protostructure" not in pd.read_csv(path, nrows=0).columns:
-            return False
-        labels = pd.read_csv(path, usecols=["protostructure"]).protostructure
-    except Exception as exc:  # unreadable file: say which and how to fix it
-        raise UserError(
-            f"featurized file {path} is unreadable ({type(exc).__name__}): rebuild it "
-            f"with `python featurize_matbench.py --tasks {task} --force`"
-        ) from exc
-    return bool(labels.notna().any())
-
-
-def wrenformer_tasks() -> list[str]:
-    """Structure tasks whose featurized file has Wyckoff labels."""
-    return [task for task in STRUCTURE_TASKS if has_wyckoff_labels(task)]
-
-
-def select_pairs(model: str, tasks: Sequence[str] | None,
-                 folds: Sequence[int] | None) -> list[tuple[str, int]]:
-    """The (task, fold) pairs of a run: Roostformer on all tasks, Wrenformer on the
-    structure tasks with Wyckoff labels, narrowed by `tasks` and `folds`. Raises
-    UserError for an unknown task or fold, a model/task pair that cannot run, or a
-    task that has not been featurized."""
-    folds = sorted(set(range(N_FOLDS) if folds is None else folds))
-    for fold in folds:
-        check_fold(fold)
-    if tasks:
-        for task in tasks:
-            check_task(task)
-        tasks = list(dict.fromkeys(tasks))  # drop repeats, keep order
-    if model == "wrenformer":
-        if tasks is None or not tasks:
-            tasks = wrenformer_tasks()
-            if not tasks:
-                raise UserError(
-                    "no featurized structure task has Wyckoff labels, so Wrenformer "
-                    "has nothing to run: featurize a task whose structures are "
-                    "available (`python featurize_matbench.py --tasks "
-                    "matbench_phonons`)"
-                )
-        for task in tasks:
-            if task not in STRUCTURE_TASKS:
-                raise UserError(
-                    f"wrenformer needs crystal structures but {task} is a "
-                    "composition-only task: use --model roostformer for it"
-                )
-            if os.path.isfile(DATA_PATHS[task]) and not has_wyckoff_labels(task):
-                raise UserError(
-                    f"{task} has no Wyckoff labels in {DATA_PATHS[task]} (its "
-                    "structures were not available when it was featurized), so "
-                    "wrenformer cannot run on it; labelled tasks here: "
-                    f"{', '.join(wrenformer_tasks()) or 'none'}"
-                )
-    elif not tasks:
-        tasks = list(ALL_TASKS)
-    missing = [task for task in tasks if not os.path.isfile(DATA_PATHS[task])]
-    if missing:
-        raise UserError(
-            f"not featurized yet: {', '.join(missing)} (looked in "
-            f"{os.path.dirname(DATA_PATHS[missing[0]])}): run `python "
-            f"featurize_matbench.py --tasks {' '.join(missing)}` before submitting"
-        )
-    return [(task, fold) for task in tasks for fold in folds]
-
-
-def scores_path(out_dir: str | os.PathLike, run_name: str) -> Path:
-    """The run's merged scores file, as run_matbench.py writes it."""
-    return Path(out_dir) / "model_scores" / f"{run_name}.json"
-
-
-def done_pairs(path: str | os.PathLike, model: str) -> set[tuple[str, int]]:
-    """(task, fold) pairs that a scores file already holds. Raises UserError if the
-    file holds another model's results (a reused run name)."""
-    done = set()
-    for task, folds in read_json_results(path).items():
-        for key, entry in (folds or {}).items():
-            if not re.fullmatch(r"fold_\d+", key):
-                continue
-            other = (entry or {}).get("params", {}).get("model", model)
-            if other != model:
-                raise UserError(
-                    f"{path} holds {other} results ({task} {key}), not {model}: "
-                    "pick another --run-name"
-                )
-            done.add((task, int(key[5:])))
-    return done
-
-
 # --- the job ----------------------------------------------------------------------
-# filled in by the job script; $FOLDS unquoted: one word per fold (--per-task)
-TASK_VAR, FOLD_VAR, FOLDS_VAR = '"$TASK"', '"$FOLD"', "$FOLDS"
-
-
-def gpu_count(gpus_per_node: str) -> int:
-    """The number in --gpus-per-node's `N` or `TYPE:N`."""
-    return int(gpus_per_node.rsplit(":", 1)[-1])
-
-
-def run_matbench_args(model: str, run_name: str, out_dir: str | os.PathLike,
-                      extra: Sequence[str], gpus_per_node: str,
-                      requeue: bool, per_task: bool = False) -> list[str]:
-    """run_matbench.py's arguments for an element, with TASK_VAR and FOLD_VAR (or,
-    per task, FOLDS_VAR) for the shell to fill in. The device follows --gpus-per-node
-    and --requeue turns on checkpoints, unless `extra` (the user's pass-through
-    flags, last) says otherwise."""
-    folds = ["--folds", FOLDS_VAR] if per_task else ["--fold", FOLD_VAR]
-    args = ["--model", model, "--task", TASK_VAR, *folds,
-            "--run-name", run_name, "--out-dir", str(out_dir),
-            "--device", "cuda" if gpu_count(gpus_per_node) else "cpu",
-            "--no-progress"]
-    if requeue:
-        args += ["--checkpoint", "local"]
-    return args + list(extra)
-
-
-def check_run_args(args: Sequence[str], model: str, run_name: str,
-                   out_dir: str | os.PathLike, requeue: bool) -> None:
-    """Check an element's run_matbench.py arguments (from run_matbench_args) with its
-    own parser and argument checks, so that a typo fails here, not in every element."""
-    from mat_bench.run_matbench import DEFAULTS as RUN_DEFAULTS
-    from mat_bench.run_matbench import build_parser, check_args, check_device
-
-    task = ALL_TASKS[0] if model == "roostformer" else STRUCTURE_TASKS[0]
-    parser = build_parser()
-    parser.prog = "run_matbench.py"  # in its messages for bad values
-    sentinel = {TASK_VAR: "<task of the element>", FOLD_VAR: "99999",
-                FOLDS_VAR: "99999"}
-    try:
-        ns, unknown = parser.parse_known_args([sentinel.get(arg, arg) for arg in args])
-    except SystemExit as exc:  # argparse said why on stderr (e.g. --fold with --folds)
-        raise UserError("run_matbench.py refused these flags (above): --task, --fold "
-                        "and --folds are set by slurm_submit.py, use --tasks and "
-                        "--folds") from exc
-    if unknown:
-        raise UserError(
-            f"run_matbench.py does not take {' '.join(unknown)} (see `python "
-            "run_matbench.py --help`; options of slurm_submit.py: --help)"
-        )
-    per_task = FOLDS_VAR in args
-    for flag, value in (("--model", model), ("--task", sentinel[TASK_VAR]),
-                        ("--folds", [99999]) if per_task else ("--fold", 99999),
-                        ("--run-name", run_name), ("--out-dir", str(out_dir))):
-        if getattr(ns, flag[2:].replace("-", "_")) != value:
-            hint = {"--task": "use --tasks", "--fold": "use --folds",
-                    "--folds": "use --folds"}.get(
-                flag, "give it once, spelled out in full")
-            raise UserError(f"{flag} is set by slurm_submit.py for each element: "
-                            f"{hint}")
-    if ns.cuda_graphs and (ns.device != "cuda" or model != "roostformer"):
-        raise UserError("--cuda-graphs needs GPUs (--gpus-per-node 1 or more) and "
-                        "--model roostformer: drop --cuda-graphs")
-    if ns.ensemble < 1:
-        raise UserError(f"--ensemble must be at least 1, got {ns.ensemble}")
-    if requeue and ns.checkpoint != "local":
-        raise UserError("--requeue resumes from checkpoints: drop --checkpoint none")
-    params = {key: getattr(ns, key) for key in RUN_DEFAULTS}
-    params["embedding_aggregations"] = tuple(params["embedding_aggregations"])
-    check_args(model, task, 0, params, ns.wandb, ns.checkpoint)
-    check_device(ns.device)
-
-
 def shell_command(args: Sequence[str]) -> str:
     """`python run_matbench.py ARGS` as one shell-quoted line."""
     return " ".join(["python", shlex.quote(str(RUN_SCRIPT))] + [
@@ -369,11 +213,11 @@ def submit(sbatch_cmd: Sequence[str]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """slurm_submit.py's own flags; the rest go to run_matbench.py."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__, formatter_class=HelpFormatter,
         allow_abbrev=False,  # never swallow a run_matbench.py flag as a prefix
     )
     run = parser.add_argument_group("what to run")
-    run.add_argument("--model", required=True, choices=["roostformer", "wrenformer"])
+    run.add_argument("--model", required=True, choices=MODELS)
     run.add_argument("--run-name", required=True,
                      help="results file name shared by every element")
     run.add_argument("--tasks", nargs="+", metavar="T", help="default: all tasks "

@@ -29,6 +29,9 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+from mat_bench import CLASS_THRESHOLD, METRICS
+from mat_bench.runs import DEFAULTS
+
 ELEM_DIM, WYCKOFF_DIM = 200, 444  # matscholar200 and bra-alg-off embedding sizes
 # attention kernels scaled_dot_product_attention may pick on CUDA (SDPBackend
 # members; None: torch's own choice). For these short sequences (a material's
@@ -85,7 +88,10 @@ class Tokens:
         n_seq = np.diff(self.seq_start)[idx]
         seq_idx = expand_ranges(self.seq_start[idx], n_seq)
         max_len = int(self.length[idx].max(initial=1))
-        cut = (lambda arr: None if arr is None else arr[seq_idx, :max_len])
+
+        def cut(arr: np.ndarray | None) -> np.ndarray | None:
+            return None if arr is None else arr[seq_idx, :max_len]
+
         return Tokens(cut(self.elem), cut(self.frac), cut(self.wyckoff),
                       np.concatenate([[0], np.cumsum(n_seq)]), self.length[idx])
 
@@ -216,7 +222,8 @@ def member_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
         return F.linear(x, weight.squeeze(0), None if bias is None else bias.squeeze(0))
     flat = x.reshape(x.shape[0], -1, x.shape[-1])
     wt = weight.transpose(1, 2)
-    out = torch.bmm(flat, wt) if bias is None else torch.baddbmm(bias[:, None], flat, wt)
+    out = (torch.bmm(flat, wt) if bias is None
+           else torch.baddbmm(bias[:, None], flat, wt))
     return out.view(*x.shape[:-1], weight.shape[1])
 
 
@@ -258,7 +265,8 @@ class StackedTransformer(nn.Module):
         # fixed embedding tables come from aviary's package, not from checkpoints
         self.register_buffer("elem_table", element_vocab()[1], persistent=False)
         self.register_buffer("wyckoff_table", wyckoff_vocab()[1]
-                             if self.model_params["wyckoff"] else None, persistent=False)
+                             if self.model_params["wyckoff"] else None,
+                             persistent=False)
 
     def member_state_dict(self, idx: int) -> dict[str, Tensor]:
         """Member idx's weights as a MatbenchTransformer state dict."""
@@ -315,13 +323,15 @@ class StackedTransformer(nn.Module):
     @staticmethod
     def residual(x: Tensor, w: dict[str, Tensor], prefix: str, res: list[bool]
                  ) -> Tensor:
-        """aviary's ResidualNetwork: x = relu(fc(x)) + res_fc(x) per layer, then fc_out."""
+        """aviary's ResidualNetwork: x = relu(fc(x)) + res_fc(x) per layer, then
+        fc_out."""
         for idx, has_res_fc in enumerate(res):
             hidden = F.relu(member_linear(x, w[f"{prefix}.fcs.{idx}.weight"],
                                           w[f"{prefix}.fcs.{idx}.bias"]))
             x = hidden + (member_linear(x, w[f"{prefix}.res_fcs.{idx}.weight"])
                           if has_res_fc else x)
-        return member_linear(x, w[f"{prefix}.fc_out.weight"], w[f"{prefix}.fc_out.bias"])
+        return member_linear(x, w[f"{prefix}.fc_out.weight"],
+                             w[f"{prefix}.fc_out.bias"])
 
     def encode(self, x: Tensor, pad: Tensor, w: dict[str, Tensor]) -> Tensor:
         """aviary's transformer encoder (pre-norm nn.TransformerEncoderLayers, ReLU)
@@ -339,7 +349,8 @@ class StackedTransformer(nn.Module):
             qkv = member_linear(
                 member_layer_norm(x, w[layer + "norm1.weight"], w[layer + "norm1.bias"],
                                   self.eps),
-                w[layer + "self_attn.in_proj_weight"], w[layer + "self_attn.in_proj_bias"])
+                w[layer + "self_attn.in_proj_weight"],
+                w[layer + "self_attn.in_proj_bias"])
             if fp32_attention:
                 qkv = qkv.float()
             q, k, v = qkv.view(n_members * n_seq, length, 3, self.n_heads, -1).permute(
@@ -516,18 +527,19 @@ class TaskData:
 # --- training -----------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    """Optimization settings (model size lives in the model)."""
+    """Optimization settings (model size lives in the model), defaulting to
+    runs.DEFAULTS."""
 
     task_type: str  # "regression" or "classification"
-    epochs: int
-    batch_size: int = 128  # per member
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-2
-    warmup_frac: float = 0.05
-    robust: bool = False
-    gate: bool = False  # regression: prediction x sigmoid(gate output), as CrabNet
-    frac_jitter: float = 0.0  # training: fractions x (1 + frac_jitter x N(0, 1))
-    amp: bool = False  # bf16 compute, fp32 weights and optimizer
+    epochs: int = DEFAULTS["epochs"]
+    batch_size: int = DEFAULTS["batch_size"]  # per member
+    learning_rate: float = DEFAULTS["learning_rate"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    warmup_frac: float = DEFAULTS["warmup_frac"]
+    robust: bool = DEFAULTS["robust"]
+    gate: bool = DEFAULTS["gate"]  # regression: prediction x sigmoid(gate output)
+    frac_jitter: float = DEFAULTS["frac_jitter"]  # fractions x (1 + jitter x N(0, 1))
+    amp: bool = False  # bf16 compute, fp32 weights and optimizer (runs: per device)
     cuda_graphs: bool = False  # capture the whole training step (CUDA, Roostformer)
 
 
@@ -684,9 +696,6 @@ def autocast(device: torch.device, enabled: bool, cache: bool = True
                           enabled=enabled, cache_enabled=cache)
 
 
-CLASS_THRESHOLD = 0.5  # class-1 probability at or above which the label is 1
-
-
 def score(targets: np.ndarray, preds: np.ndarray, task_type: str,
           threshold: float = CLASS_THRESHOLD) -> dict[str, float]:
     """Matbench's metrics: MAE, RMSE, R^2 (regression) or, from class-1
@@ -710,7 +719,7 @@ def score(targets: np.ndarray, preds: np.ndarray, task_type: str,
         return {"mae": float(np.abs(err).mean()),
                 "rmse": float(np.sqrt((err**2).mean())),
                 "r2": float(r2_score(targets, preds))}
-    labels = preds >= threshold
+    labels = preds > threshold
     return {"rocauc": float(roc_auc_score(targets, preds)),
             "accuracy": float(accuracy_score(targets, labels)),
             "f1": float(f1_score(targets, labels)),
@@ -719,8 +728,9 @@ def score(targets: np.ndarray, preds: np.ndarray, task_type: str,
 
 def best_threshold(targets: np.ndarray, probs: np.ndarray) -> float:
     """The class-1 probability threshold that maximizes the balanced accuracy of
-    the labels (Matbench's ROC-AUC of labels) on these materials: the midpoint
-    between two neighbouring probabilities, the middle one of equal bests."""
+    the labels (probability > threshold, Matbench's ROC-AUC of labels) on these
+    materials: the midpoint between two neighbouring probabilities, the middle one
+    of equal bests."""
     order = np.argsort(probs, kind="stable")
     probs, targets = probs[order], targets[order].astype(bool)
     n_pos, n_neg = targets.sum(), (~targets).sum()
@@ -729,8 +739,8 @@ def best_threshold(targets: np.ndarray, probs: np.ndarray) -> float:
     # threshold below probs[k]: materials k.. are labelled 1
     tpr = (n_pos - np.concatenate([[0], np.cumsum(targets)])) / n_pos
     tnr = np.concatenate([[0], np.cumsum(~targets)]) / n_neg
-    cuts = np.concatenate([[probs[0] / 2], (probs[1:] + probs[:-1]) / 2,
-                           [np.nextafter(probs[-1], np.inf)]])
+    cuts = np.concatenate([[np.nextafter(probs[0], -np.inf)],
+                           (probs[1:] + probs[:-1]) / 2, [probs[-1]]])
     distinct = np.concatenate([[True], probs[1:] > probs[:-1], [True]])
     balanced = np.where(distinct, tpr + tnr, -np.inf)
     best = np.flatnonzero(balanced == balanced.max())
@@ -746,7 +756,7 @@ def crossfit_balanced_accuracy(targets: np.ndarray, probs: np.ndarray,
 
     half = np.random.default_rng(seed).permutation(len(targets)) % 2 == 0
     return float(np.mean([
-        balanced_accuracy_score(targets[part], probs[part] >= best_threshold(
+        balanced_accuracy_score(targets[part], probs[part] > best_threshold(
             targets[~part], probs[~part])) for part in (half, ~half)]))
 
 
@@ -932,7 +942,7 @@ def train(state: TrainState, data: TaskData, cfg: TrainConfig, *,
     score, and each member's validation score under `val_<metric>_members`."""
     members, optimizer, scheduler = state.members, state.optimizer, state.scheduler
     rngs = [np.random.default_rng(m.seed + state.epoch) for m in members]
-    metric = "mae" if cfg.task_type == "regression" else "rocauc"
+    metric = METRICS[cfg.task_type]
     pbar = tqdm(range(state.epoch, cfg.epochs), initial=state.epoch, total=cfg.epochs,
                 desc="epochs", disable=not progress, mininterval=1, dynamic_ncols=True)
     bf16 = state.bf16  # bf16 on a CPU: a bf16 copy is faster than autocast

@@ -1,4 +1,4 @@
-"""Edit the metadata of finished W&B runs in bulk: select the runs of an
+r"""Edit the metadata of finished W&B runs in bulk: select the runs of an
 entity/project by regular expressions on their fields, then rename a config key,
 replace a substring in run names or in config values, or add and remove tags.
 
@@ -19,13 +19,14 @@ Examples:
     # see which runs would have config key `lr` renamed to `learning_rate`
     python wandb_api.py my-team/mat_bench --rename-key lr learning_rate
     # then write it, only for Wrenformer runs
-    python wandb_api.py my-team/mat_bench --where config.model='^wrenformer$' \\
+    python wandb_api.py my-team/mat_bench --where config.model='^wrenformer$' \
         --rename-key lr learning_rate --apply
     # fix a typo in run names and config values of runs tagged `phonons`
-    python wandb_api.py my-team/mat_bench --where tags=phonons \\
-        --replace-in-name wrenfromer wrenformer --replace-in-config wrenfromer wrenformer
+    python wandb_api.py my-team/mat_bench --where tags=phonons \
+        --replace-in-name wrenfromer wrenformer \
+        --replace-in-config wrenfromer wrenformer
     # retag the runs whose name starts with roost-
-    python wandb_api.py my-team/mat_bench --where name='^roost-' \\
+    python wandb_api.py my-team/mat_bench --where name='^roost-' \
         --add-tag roostformer --remove-tag roost --apply
 
 Caveat: W&B merges the config sent by the public API into the stored one, so a
@@ -254,7 +255,8 @@ def format_plan(plan: list[tuple[Any, list[Change]]]) -> str:
         for run, changes in plan for change in changes
     ]
     widths = [max(len(str(row[col])) for row in [header, *rows]) for col in range(6)]
-    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
+    lines = ["  ".join(str(cell).ljust(w)
+                       for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -320,16 +322,19 @@ def edit_runs(
             result["written"].append(run.id)
         except Exception as exc:  # one run's failure must not stop the others
             result["failed"].append(run.id)
-            out(f"failed to update run {run.id}: {type(exc).__name__}: {str(exc)[:200]}")
-    out(f"applied: {len(result['written'])} runs updated, {len(result['failed'])} failed")
+            out(f"failed to update run {run.id}: "
+                f"{type(exc).__name__}: {str(exc)[:200]}")
+    out(f"applied: {len(result['written'])} runs updated, "
+        f"{len(result['failed'])} failed")
     if actions.rename_key:
         renamed = [run for run, changes in todo if run.id in result["written"] and any(
             c.what == "config key" and not c.skipped for c in changes)]
         result["stale"] = stale_renamed_keys(api, path, renamed, actions.rename_key[0])
         if result["stale"]:
-            out(f"warning: W&B kept the old key {actions.rename_key[0]!r} beside the new "
-                f"one on {len(result['stale'])} runs ({', '.join(result['stale'])}): "
-                "its public API merges configs and cannot delete keys (wandb/wandb#11055)")
+            out(f"warning: W&B kept the old key {actions.rename_key[0]!r} beside "
+                f"the new one on {len(result['stale'])} runs "
+                f"({', '.join(result['stale'])}): its public API merges configs "
+                "and cannot delete keys (wandb/wandb#11055)")
     return result
 
 
@@ -361,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, api_factory: Callable[[], Any] = make_api) -> int:
+def main(
+    argv: Sequence[str] | None = None, api_factory: Callable[[], Any] = make_api
+) -> int:
     """CLI entry point; `api_factory` returns a wandb.Api (tests pass a stand-in).
     Returns the exit code: 0 done, 1 some runs failed to update, 2 user error."""
     args = build_parser().parse_args(argv)
@@ -369,7 +376,8 @@ def main(argv: Sequence[str] | None = None, api_factory: Callable[[], Any] = mak
         where = [parse_where(spec) for spec in args.where]
         actions = Actions(
             rename_key=tuple(args.rename_key) if args.rename_key else None,
-            replace_in_name=tuple(args.replace_in_name) if args.replace_in_name else None,
+            replace_in_name=(tuple(args.replace_in_name)
+                             if args.replace_in_name else None),
             replace_in_config=(tuple(args.replace_in_config)
                                if args.replace_in_config else None),
             config_keys=(compile_regex(args.config_key, "--config-key")

@@ -30,8 +30,8 @@ import gzip
 import json
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -225,8 +225,9 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     import torch
 
-    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name() if not SMOKE else None,
-                              "torch": torch.__version__, "budget_s": args.budget}
+    report: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name() if not SMOKE else None,
+        "torch": torch.__version__, "budget_s": args.budget}
 
     def stage(name: str, func, *func_args) -> Any:
         start = time.perf_counter()

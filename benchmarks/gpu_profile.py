@@ -35,8 +35,9 @@ MODEL = {"frac_encoding_dims": 64, "d_model": 128, "n_attn_layers": 3,
          "n_attn_heads": 4}
 
 
-def task_data(task: str, max_elements: int | None = None
-              ) -> tuple[training.TaskData, list[training.Member], np.ndarray, np.ndarray]:
+def task_data(
+    task: str, max_elements: int | None = None
+) -> tuple[training.TaskData, list[training.Member], np.ndarray, np.ndarray]:
     """A task's rows (optionally only materials of at most max_elements elements),
     one member per fold (seed 0, no validation split) and fold 0's test rows."""
     df = load_featurized(task)
@@ -73,7 +74,8 @@ def same_shapes() -> dict[str, Any]:
         if graphs:
             graph = training.GraphedStep(state, data, cfg, len(plan))
 
-            def read_and_reset(graph=graph) -> None:  # the step's losses alone
+            # the step's losses alone
+            def read_and_reset(graph=graph, steps=steps) -> None:
                 steps.append(graph.loss_sum.tolist())
                 graph.loss_sum.zero_()
 
@@ -125,7 +127,8 @@ def kernels() -> dict[str, Any]:
         torch.cuda.synchronize()
     rows = []
     for evt in prof.key_averages():
-        cuda_us = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0)
+        cuda_us = (getattr(evt, "device_time_total", 0)
+                   or getattr(evt, "cuda_time_total", 0))
         if cuda_us:
             rows.append({"name": evt.key[:90], "count": evt.count,
                          "cuda_ms_per_step": round(cuda_us / 5 / 1000, 4)})

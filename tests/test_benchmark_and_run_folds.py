@@ -30,12 +30,13 @@ def test_benchmark_runs_both_loops_on_a_tiny_slice(featurized, tmp_path, capsys)
 def test_run_folds_skips_recorded_folds_and_grid_shows_validation(featurized, tmp_path,
                                                                   capsys):
     featurized("matbench_steels")
-    argv = ["--model", "roostformer", "--run-name", "grid", "--tasks", "matbench_steels",
-            "--folds", "0", "1", "--out-dir", str(tmp_path), "--grid",
-            "frac_encoding=0,64", *TINY]
+    argv = ["--model", "roostformer", "--run-name", "grid",
+            "--tasks", "matbench_steels", "--folds", "0", "1",
+            "--out-dir", str(tmp_path), "--grid", "frac_encoding=0,64", *TINY]
     assert folds_main(argv) == 0
     out = capsys.readouterr().out
-    assert "4 jobs" in out and "val_mae" in out and "test" not in out.split("val_mae")[1]
+    assert ("4 jobs" in out and "val_mae" in out
+            and "test" not in out.split("val_mae")[1])
     for enc in (0, 64):
         scores = read_json_results(tmp_path / "model_scores"
                                    / f"grid-frac_encoding={enc}.json")

@@ -61,7 +61,9 @@ def test_spg_num_from_label() -> None:
     assert spg_num_from_label("ABCD_hP4_156_b_a_a_c:Ba-Ga-H-Si") == 156
     assert spg_num_from_label("A2BC2_oC20_36_2a_a_2a:Na-Pt-S") == 36
     # failures are error messages, not labels
-    assert spg_num_from_label("Invalid WP multiplicities - AB_cF8_225_a_b:Ba-Te") is None
+    assert (
+        spg_num_from_label("Invalid WP multiplicities - AB_cF8_225_a_b:Ba-Te") is None
+    )
     assert spg_num_from_label("RuntimeError: symmetry search failed") is None
     assert spg_num_from_label("AB_cF8_231_a_b:Ba-Te") is None
     assert spg_num_from_label(float("nan")) is None
@@ -77,7 +79,9 @@ def test_crystal_system_boundaries() -> None:
 
 
 def test_oc_pearson() -> None:
-    assert oc_pearson("A2BC2_oS20_36_2a_a_2a:Na-Pt-S") == "A2BC2_oC20_36_2a_a_2a:Na-Pt-S"
+    assert (
+        oc_pearson("A2BC2_oS20_36_2a_a_2a:Na-Pt-S") == "A2BC2_oC20_36_2a_a_2a:Na-Pt-S"
+    )
     assert oc_pearson("AB_cF8_225_a_b:Ba-Te") == "AB_cF8_225_a_b:Ba-Te"
 
 
@@ -125,9 +129,9 @@ def test_disagreements_csv(result: dict) -> None:
     path = next(p for p in result["files"] if p.endswith("_disagreements.csv"))
     written = pd.read_csv(path, index_col="mbid")
     assert list(written.index) == list(diff.index)
-    assert {"disagreeing_pairs", "composition", "spglib", "moyopy", "spglib_spg"} <= set(
-        written.columns
-    )
+    assert {
+        "disagreeing_pairs", "composition", "spglib", "moyopy", "spglib_spg"
+    } <= set(written.columns)
     assert (written.disagreeing_pairs == "spglib/moyopy").all()
 
 
@@ -164,7 +168,9 @@ def test_rerun_uses_cache(result: dict, out_dir: Path, monkeypatch) -> None:
 
 
 @needs_phonons
-def test_cache_extends_to_new_structures(result: dict, out_dir: Path, monkeypatch) -> None:
+def test_cache_extends_to_new_structures(
+    result: dict, out_dir: Path, monkeypatch
+) -> None:
     import mat_bench.compare_spglib_vs_aflow_wyckoff_labels as module
 
     computed = []

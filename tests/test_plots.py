@@ -164,7 +164,7 @@ def test_table_ranks_our_rows_among_published(plots):
     out_dir, result = plots
     table = pd.read_csv(out_dir / "leaderboard.csv")
     assert list(table["task"].unique()) == TASKS
-    for task, sub in table.groupby("task"):
+    for _, sub in table.groupby("task"):
         assert list(sub["rank"]) == list(range(1, len(sub) + 1))
         assert sub["scaled_error"].is_monotonic_increasing
         ours = sub[sub["source"] == "ours"]

@@ -3,7 +3,6 @@ cluster (tests/slurm_cluster.py): a whole job array of real training runs mergin
 into one run's files, --only-missing, sbatch's own errors, and an element that is
 told its time is up, requeues itself and resumes from its checkpoint."""
 
-import json
 import re
 import shlex
 import subprocess
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from slurm_cluster import LocalSlurmCluster, slurm_cluster  # noqa: F401
+
 from mat_bench import DATA_PATHS, STRUCTURE_TASKS
 from mat_bench.data import (
     UserError,
@@ -21,8 +22,8 @@ from mat_bench.data import (
     read_run_preds,
     update_json_results,
 )
-from mat_bench.slurm_submit import done_pairs, main, select_pairs
-from slurm_cluster import LocalSlurmCluster, slurm_cluster  # noqa: F401
+from mat_bench.runs import done_pairs, select_pairs
+from mat_bench.slurm_submit import main
 
 REPO = Path(__file__).resolve().parent.parent
 SUBMIT = [sys.executable, str(REPO / "slurm_submit.py")]
@@ -282,8 +283,8 @@ def test_array_merges_every_fold_and_only_missing_resubmits_the_rest(
     assert result.returncode == 0 and "nothing to submit" in result.stdout
 
 
-def test_per_task_array_runs_stacked_folds(slurm_cluster, featurized,
-                                           tmp_path):  # noqa: F811
+def test_per_task_array_runs_stacked_folds(slurm_cluster, featurized,  # noqa: F811
+                                           tmp_path):
     """--per-task: one element per task trains its folds in one process."""
     cluster = slurm_cluster
     featurized("matbench_steels")

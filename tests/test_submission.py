@@ -179,3 +179,32 @@ def test_tampered_results_are_invalid(real_run, tmp_path):
 
     with pytest.raises(UserError, match="not a valid matbench results file"):
         load_submission(folder)
+
+
+def test_labels_at_a_validation_threshold_are_submitted_as_labels(real_run, tmp_path,
+                                                                   capsys):
+    """A run whose labels are not its probabilities above 0.5 (a threshold chosen
+    on validation) submits the labels, so that matbench scores what we scored."""
+    src = partial_copy(real_run, tmp_path / "run", IS_METAL, keep=5)
+    path = preds_file(src / "model_preds", RUN, IS_METAL)
+    preds = read_json_results(path)
+    fold = preds[IS_METAL]["fold_0"]
+    fold["prediction"] = [int(p > 0.3) for p in fold["probability"]]
+    assert any(int(p > 0.5) != label for p, label in zip(fold["probability"],
+                                                         fold["prediction"],
+                                                         strict=True))
+    write_json(path, preds)
+    folder = tmp_path / "sub"
+    code, _, err = run_cli(["--run", RUN, "--scores-dir", src / "model_scores",
+                            "--preds-dir", src / "model_preds", "--out-dir", folder,
+                            "--authors", "A"], capsys)
+    assert code == 0, err
+    bench = load_submission(folder)
+    (run,) = load_runs(src / "model_scores", src / "model_preds")
+    ours = score_results([run]).set_index(["task", "fold"])
+    for fold_idx in range(5):
+        result = bench.tasks_map[IS_METAL].results[f"fold_{fold_idx}"]
+        assert result.scores.rocauc == pytest.approx(ours.loc[(IS_METAL, fold_idx),
+                                                              "rocauc"])
+        kinds = {type(v) for v in result.data.values()}
+        assert kinds == ({bool} if fold_idx == 0 else {float})

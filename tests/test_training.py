@@ -1,27 +1,32 @@
-"""training.py on real Matbench data: the stacked model against aviary's Wrenformer,
-the members' batches, member independence, stacked vs solo runs, the CUDA-graph
-step's bookkeeping (emulated on the CPU), bf16 and resuming."""
+"""training.py on committed fixtures (100 real Matbench materials each of steels and
+phonons, so no data is needed): the stacked model against aviary's Wrenformer, the
+members' batches, member independence, stacked vs solo runs, the CUDA-graph step's
+bookkeeping (emulated on the CPU), bf16 and resuming, and the recipe's levers."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from aviary.wrenformer.model import Wrenformer
+from sklearn.metrics import balanced_accuracy_score
 
 import mat_bench.training as training
-from mat_bench.data import load_featurized
 
 CPU = torch.device("cpu")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+N_ROWS = 100  # materials in each fixture
 TINY = {"d_model": 32, "n_attn_heads": 2, "n_attn_layers": 1}
 
 
-def task_data(featurized, model: str, n_rows: int) -> training.TaskData:
-    """The first n_rows materials of steels (roostformer) or phonons (wrenformer)."""
+def task_data(model: str, n_rows: int = N_ROWS) -> training.TaskData:
+    """The first n_rows materials of the committed fixtures: steels (roostformer) or
+    phonons with Wyckoff labels (wrenformer); no real data needed."""
     task, col = (("matbench_phonons", "protostructure") if model == "wrenformer"
                  else ("matbench_steels", "composition"))
-    featurized(task)
-    df = load_featurized(task).dropna(subset=[col])[:n_rows]
+    df = pd.read_csv(FIXTURES / f"{task}-100.csv", index_col="mbid")[:n_rows]
     return training.TaskData(training.tokenize(model, list(df[col])),
                              df.target.to_numpy(np.float32), CPU)
 
@@ -48,22 +53,24 @@ def solo_models(model: str, n_members: int, **kwargs) -> list:
 
 @pytest.mark.parametrize("model", ["roostformer", "wrenformer"])
 @pytest.mark.parametrize("amp", [False, True])
-def test_stacked_model_computes_aviarys_wrenformer(featurized, model, amp):
+def test_stacked_model_computes_aviarys_wrenformer(model, amp):
     """Each member of a StackedTransformer computes what aviary's Wrenformer.forward
     (nn.TransformerEncoder, residual trunk and head) computes with its weights,
     gradients included; under bf16 autocast, to bf16's precision."""
-    data = task_data(featurized, model, 160)
+    data = task_data(model)
     nets = solo_models(model, 3, frac_encoding_dims=16, n_attn_layers=2)
     stacked = training.StackedTransformer(nets)
     stacked.train()
-    plan = data.plan([np.arange(160)] * 3, 32, [np.random.default_rng(s) for s in range(3)])
+    plan = data.plan([np.arange(96)] * 3, 32,  # full batches: aviary has no padding
+                     [np.random.default_rng(s) for s in range(3)])
     for step in range(len(plan)):
         inputs, _, _, mat = data.step(plan, step)
         with training.autocast(CPU, amp):
             ours = stacked(*inputs)
         for m, net in enumerate(nets):
             net.train()
-            elem, frac, wyk, seq_mask, *rest = (x if x is None else x[m] for x in inputs)
+            elem, frac, wyk, seq_mask, *rest = (
+                x if x is None else x[m] for x in inputs)
             feats = training.token_features(stacked.elem_table, stacked.wyckoff_table,
                                             16, elem, frac, wyk)
             args = ()
@@ -99,17 +106,19 @@ def test_dropout_acts_only_in_training():
     pad[:, :4, 3:] = True
     elem[pad] = 0
     stacked.train()
-    assert not torch.allclose(stacked(elem, frac, None, pad), stacked(elem, frac, None, pad))
+    assert not torch.allclose(stacked(elem, frac, None, pad),
+                              stacked(elem, frac, None, pad))
     stacked.eval()
     with torch.no_grad():
-        assert torch.equal(stacked(elem, frac, None, pad), stacked(elem, frac, None, pad))
+        assert torch.equal(stacked(elem, frac, None, pad),
+                           stacked(elem, frac, None, pad))
 
 
 @pytest.mark.parametrize("model", ["roostformer", "wrenformer"])
-def test_plan_gives_each_member_its_materials_once(featurized, model):
-    data = task_data(featurized, model, 300)
-    members = members_of(300, 3)
-    sizes = [120, 250, 280]  # members of different sizes: short ones get pad rows
+def test_plan_gives_each_member_its_materials_once(model):
+    data = task_data(model)
+    members = members_of(N_ROWS, 3)
+    sizes = [30, 70, 80]  # members of different sizes: short ones get pad rows
     idx = [m.fit_idx[:size] for m, size in zip(members, sizes, strict=True)]
     for rngs in ([np.random.default_rng(s) for s in range(3)], None):
         plan = data.plan(idx, 32, rngs, bucket_batches=4)
@@ -136,13 +145,13 @@ def test_plan_gives_each_member_its_materials_once(featurized, model):
             assert sorted(seen[m]) == sorted(idx[m].tolist())
 
 
-def test_filler_sequences_change_no_prediction(featurized, monkeypatch):
+def test_filler_sequences_change_no_prediction(monkeypatch):
     """Padding Wrenformer steps with filler sequences leaves predictions alone."""
-    data = task_data(featurized, "wrenformer", 150)
-    members = members_of(150, 2)
+    data = task_data("wrenformer")
+    members = members_of(N_ROWS, 2)
     cfg = training.TrainConfig("regression", 1, batch_size=32)
     state = training.new_train_state("wrenformer", data, members, cfg, n_attn_layers=1)
-    test = [np.arange(150)] * 2
+    test = [np.arange(N_ROWS)] * 2
     padded = training.predict(state, data, test, cfg)
     monkeypatch.setattr(training, "SEQ_MULTIPLE", 1)
     plain = training.predict(state, data, test, cfg)
@@ -150,10 +159,10 @@ def test_filler_sequences_change_no_prediction(featurized, monkeypatch):
 
 
 @pytest.mark.parametrize("model", ["roostformer", "wrenformer"])
-def test_members_never_see_each_others_data(featurized, model):
+def test_members_never_see_each_others_data(model):
     """Change one member's batch: every other member's gradients stay the same."""
-    data = task_data(featurized, model, 200)
-    members = members_of(200, 3)
+    data = task_data(model)
+    members = members_of(N_ROWS, 3)
     cfg = training.TrainConfig("regression", 1, batch_size=16)
     state = training.new_train_state(model, data, members, cfg, **TINY)
     net = state.model
@@ -175,11 +184,11 @@ def test_members_never_see_each_others_data(featurized, model):
     assert any(not torch.equal(base[n][2], changed[n][2]) for n in base)
 
 
-def test_stacked_member_matches_a_solo_run(featurized):
+def test_stacked_member_matches_a_solo_run():
     """A member of a 3-member stacked run and a solo run with its fold and seed give
     the same predictions within fp32 rounding."""
-    data = task_data(featurized, "roostformer", 312)
-    members = members_of(312, 3)
+    data = task_data("roostformer")
+    members = members_of(N_ROWS, 3)
     cfg = training.TrainConfig("regression", 3, batch_size=32)
     stacked = training.new_train_state("roostformer", data, members, cfg,
                                        frac_encoding_dims=16, **TINY)
@@ -187,7 +196,7 @@ def test_stacked_member_matches_a_solo_run(featurized):
     solo = training.new_train_state("roostformer", data, [members[1]], cfg,
                                     frac_encoding_dims=16, **TINY)
     training.train(solo, data, cfg, progress=False)
-    test = np.arange(312)
+    test = np.arange(N_ROWS)
     ours = training.predict(stacked, data, [test] * 3, cfg)
     (alone,) = training.predict(solo, data, [test], cfg)
     np.testing.assert_allclose(ours[1], alone, rtol=1e-3)
@@ -207,14 +216,14 @@ def emulate_cuda_graphs(monkeypatch) -> None:
                         lambda self: (lambda: step(self)))
 
 
-def test_graph_step_bookkeeping_matches_eager(featurized, monkeypatch):
+def test_graph_step_bookkeeping_matches_eager(monkeypatch):
     """The graphed step's static buffers, on-device step counter, learning-rate
     table and loss sums train as the eager loop does. Fixed-width batches and a
-    float32 learning rate change only rounding, which a tiny model on 312 materials
+    float32 learning rate change only rounding, which a tiny model on 100 materials
     amplifies from epoch to epoch: the first epoch agrees to 1e-5."""
     emulate_cuda_graphs(monkeypatch)
-    data = task_data(featurized, "roostformer", 312)
-    members = members_of(312, 2)
+    data = task_data("roostformer")
+    members = members_of(N_ROWS, 2)
     logs, preds = {}, {}
     for graphs in (False, True):
         cfg = training.TrainConfig("regression", 3, batch_size=32, cuda_graphs=graphs)
@@ -223,7 +232,7 @@ def test_graph_step_bookkeeping_matches_eager(featurized, monkeypatch):
         logs[graphs] = []
         training.train(state, data, cfg, progress=False,
                        on_epoch_end=lambda _, m, log=logs[graphs]: log.append(m))
-        preds[graphs] = np.stack(training.predict(state, data, [np.arange(312)] * 2,
+        preds[graphs] = np.stack(training.predict(state, data, [np.arange(N_ROWS)] * 2,
                                                   cfg))
         assert state.scheduler.last_epoch == 3 * training.steps_per_epoch(members, 32)
     for eager, graph in zip(logs[False], logs[True], strict=True):
@@ -233,16 +242,17 @@ def test_graph_step_bookkeeping_matches_eager(featurized, monkeypatch):
     for eager, graph in zip(logs[False], logs[True], strict=True):
         assert eager["train_loss"] == pytest.approx(graph["train_loss"], rel=2e-2)
         assert eager["val_mae"] == pytest.approx(graph["val_mae"], rel=2e-2)
-    assert np.abs(preds[True] - preds[False]).mean() < 0.02 * np.abs(preds[False]).mean()
+    assert (np.abs(preds[True] - preds[False]).mean()
+            < 0.02 * np.abs(preds[False]).mean())
 
 
-def test_bf16_copy_follows_autocast_and_resumes(featurized):
+def test_bf16_copy_follows_autocast_and_resumes():
     """amp on a CPU trains a bf16 copy of the stacked model: its gradients, copied
     into the flat fp32 master weights, agree with autocast's; the optimizer's update
     reaches the copy; and a state rebuilt from saved state dicts trains on exactly
     like the state that was saved."""
-    data = task_data(featurized, "wrenformer", 160)
-    members = members_of(160, 2)
+    data = task_data("wrenformer")
+    members = members_of(N_ROWS, 2)
     cfg = training.TrainConfig("regression", 3, batch_size=32, amp=True)
     state = training.new_train_state("wrenformer", data, members, cfg, n_attn_layers=2)
     bf16 = state.bf16
@@ -280,8 +290,9 @@ def test_bf16_copy_follows_autocast_and_resumes(featurized):
     saved = copy.deepcopy({"model": state.model.state_dict(),
                            "optimizer": state.optimizer.state_dict(),
                            "scheduler": state.scheduler.state_dict()})
-    resumed = training.new_train_state("wrenformer", data, members_of(160, 2, seed=9),
-                                       cfg, n_attn_layers=2)
+    resumed = training.new_train_state("wrenformer", data,
+                                       members_of(N_ROWS, 2, seed=9), cfg,
+                                       n_attn_layers=2)
     resumed.members = members
     resumed.model.load_state_dict(saved["model"])
     resumed.optimizer.load_state_dict(saved["optimizer"])
@@ -290,6 +301,70 @@ def test_bf16_copy_follows_autocast_and_resumes(featurized):
     resumed.epoch = 1
     for st in (state, resumed):
         training.train(st, data, cfg, progress=False)
-    test = [np.arange(160)] * 2
+    test = [np.arange(N_ROWS)] * 2
     np.testing.assert_array_equal(training.predict(state, data, test, cfg),
                                   training.predict(resumed, data, test, cfg))
+
+
+# --- the recipe's levers: gated output, fraction jitter, threshold ---------------
+def config(**kwargs) -> training.TrainConfig:
+    return training.TrainConfig(task_type="regression", epochs=1, **kwargs)
+
+
+def test_gate_can_predict_exact_zeros_whatever_the_mean():
+    mean, std = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 3.0])
+    value = torch.randn(2, 4)
+    closed = torch.stack([value, torch.full_like(value, -50.0)], dim=-1)  # gate shut
+    opened = torch.stack([value, torch.full_like(value, 50.0)], dim=-1)
+    cfg = config(gate=True)
+    assert training.output_to_prediction(closed, cfg, mean, std).abs().max() < 1e-12
+    torch.testing.assert_close(training.output_to_prediction(opened, cfg, mean, std),
+                               value * std[:, None] + mean[:, None])
+    half = torch.stack([value, torch.zeros_like(value)], dim=-1)
+    torch.testing.assert_close(training.output_to_prediction(half, cfg, mean, std),
+                               0.5 * (value * std[:, None] + mean[:, None]))
+    # the loss is L1 of that prediction in normalized units; robust adds a log std
+    targets = torch.randn(2, 4)
+    weight = torch.ones(2, 4)
+    pred = training.output_to_prediction(half, cfg, mean, std)
+    expect = ((pred - targets).abs() / std[:, None]).mean(dim=1)
+    torch.testing.assert_close(
+        training.member_losses(half, targets, weight, cfg, mean, std), expect)
+    robust = torch.cat([half, torch.zeros(2, 4, 2)], dim=-1)
+    torch.testing.assert_close(
+        training.member_losses(robust, targets, weight, config(gate=True, robust=True),
+                               mean, std), 2**0.5 * expect)
+
+
+def test_fraction_jitter_keeps_padding_and_sums():
+    frac = torch.tensor([[[0.5, 0.25, 0.25, 0.0]], [[1.0, 0.0, 0.0, 0.0]]])
+    inputs = (torch.ones_like(frac, dtype=torch.long), frac, None, frac == 0)
+    assert training.jitter_fractions(inputs, 0.0) is inputs
+    torch.manual_seed(0)
+    _, noisy, wyckoff, mask = training.jitter_fractions(inputs, 0.05)
+    assert wyckoff is None and mask is inputs[3]
+    torch.testing.assert_close(noisy.sum(dim=-1), torch.ones(2, 1))
+    assert (noisy[frac == 0] == 0).all() and (noisy[frac > 0] > 0).all()
+    assert not torch.equal(noisy[0], frac[0])
+
+
+def test_best_threshold_maximizes_balanced_accuracy():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(2, 40))
+        targets, probs = rng.integers(0, 2, n), np.round(rng.random(n), 1)
+        if len(set(targets)) < 2:
+            assert training.best_threshold(targets, probs) == training.CLASS_THRESHOLD
+            continue
+        chosen = balanced_accuracy_score(
+            targets, probs > training.best_threshold(targets, probs))
+        brute = max(balanced_accuracy_score(targets, probs > cut)
+                    for cut in np.linspace(-0.05, 1.05, 221))
+        assert chosen == pytest.approx(brute)
+    # imbalanced classes: 0.5 labels everything 1, the chosen threshold separates
+    targets = np.array([1] * 90 + [0] * 10)
+    probs = np.concatenate([rng.uniform(0.8, 1.0, 90), rng.uniform(0.6, 0.8, 10)])
+    assert balanced_accuracy_score(targets, probs > 0.5) == 0.5
+    assert balanced_accuracy_score(targets, probs > training.best_threshold(
+        targets, probs)) == 1.0
+    assert training.crossfit_balanced_accuracy(targets, probs) > 0.9

@@ -116,15 +116,18 @@ def test_parse_where() -> None:
 
 
 def test_dry_run_renames_nothing(server: FakeServer, capsys) -> None:
-    code, out, _ = run_cli([PROJECT, "--rename-key", "lr", "learning_rate"], server, capsys)
+    code, out, _ = run_cli([PROJECT, "--rename-key", "lr", "learning_rate"], server,
+                           capsys)
     assert code == 0
     assert server.n_updates == 0 and server.projects[PROJECT] == RUNS
     lines = out.splitlines()
-    assert lines[0].split() == ["run", "id", "name", "change", "before", "after", "note"]
+    assert lines[0].split() == ["run", "id", "name", "change", "before", "after",
+                                "note"]
     table = "\n".join(lines[:6])
     assert "a1" in table and "b2" in table and "c3" not in table  # c3 has no lr
     assert "skipped: 'learning_rate' already set to 0.0005" in table  # d4
-    assert "4 runs in the project, 4 selected, 2 to change: 2 config keys renamed" in out
+    assert ("4 runs in the project, 4 selected, 2 to change: "
+            "2 config keys renamed") in out
     assert "skipped: 1 (see the note column)" in out
     assert "dry run: nothing was written; pass --apply" in out
 
@@ -178,8 +181,8 @@ def test_add_and_remove_tags(server: FakeServer, capsys) -> None:
 
 
 def test_several_where_must_all_match(server: FakeServer, capsys) -> None:
-    code, out, _ = run_cli([PROJECT, "--where", "tags=phonons", "--where", "name=fold1$",
-                            "--add-tag", "x"], server, capsys)
+    code, out, _ = run_cli([PROJECT, "--where", "tags=phonons",
+                            "--where", "name=fold1$", "--add-tag", "x"], server, capsys)
     assert code == 0
     assert "4 runs in the project, 1 selected, 1 to change" in out
     assert "b2" in out and "a1" not in out
@@ -210,11 +213,15 @@ def test_failed_update_is_reported(capsys) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["other-team/nope", "--add-tag", "x"], "unknown W&B project 'other-team/nope'"),
+        (["other-team/nope", "--add-tag", "x"],
+         "unknown W&B project 'other-team/nope'"),
         (["mat_bench", "--add-tag", "x"], "is not ENTITY/PROJECT"),
-        ([PROJECT, "--where", "name=(", "--add-tag", "x"], "invalid regular expression"),
-        ([PROJECT, "--add-tag", "x", "--config-key", "[a"], "invalid regular expression"),
-        ([PROJECT, "--where", "name=^zzz", "--add-tag", "x"], "no run of my-team/mat_bench"),
+        ([PROJECT, "--where", "name=(", "--add-tag", "x"],
+         "invalid regular expression"),
+        ([PROJECT, "--add-tag", "x", "--config-key", "[a"],
+         "invalid regular expression"),
+        ([PROJECT, "--where", "name=^zzz", "--add-tag", "x"],
+         "no run of my-team/mat_bench"),
         ([PROJECT], "nothing to do"),
         ([PROJECT, "--rename-key", "lr", "lr"], "the same key"),
         ([PROJECT, "--replace-in-name", "", "x"], "OLD must not be empty"),

@@ -1,10 +1,9 @@
-"""The core pipeline on real Matbench data: featurize, folds, training both models,
-the result files (also under many concurrent writers), checkpoints and bad input."""
+"""run_matbench.py on real Matbench data: both models, the result files, stacked
+folds and ensembles, checkpoints and signals, W&B, and every bad input caught
+before training with one clear line."""
 
 import json
 import math
-import multiprocessing
-import os
 import signal
 import subprocess
 import sys
@@ -14,114 +13,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from pymatgen.core import Lattice, Structure
-from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+from sklearn.metrics import balanced_accuracy_score
 
+import mat_bench.training as training
 from mat_bench import DATA_PATHS
 from mat_bench.data import (
     UserError,
     get_fold_ids,
     load_featurized,
-    load_raw_task,
     merge_fold_result,
-    merge_fold_results,
     preds_file,
     read_json_results,
-    read_run_preds,
 )
-from mat_bench.featurize_matbench import featurize, protostructure_label
+from mat_bench.run_matbench import (
+    aggregate,
+    fold_validation,
+    run_matbench,
+    split_members,
+)
 from mat_bench.run_matbench import main as run_main
-from mat_bench.run_matbench import run_matbench
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"d_model": 32, "n_heads": 2, "n_attn_layers": 1}  # fast model for plumbing
-
-
-# --- featurization ------------------------------------------------------------------
-def test_featurize_phonons_labels_nearly_all_and_match_spglib(featurized):
-    summary = featurized("matbench_phonons")["matbench_phonons"]
-    assert summary["rows"] == 1265
-    assert summary["labelled"] + summary["failed"] == 1265
-    assert summary["labelled"] >= 1250
-    df = load_featurized("matbench_phonons")
-    assert len(df) == 1265 and df.index[0] == "mb-phonons-0001"
-    assert df.protostructure.notna().sum() == summary["labelled"]
-    raw = load_raw_task("matbench_phonons")
-    np.testing.assert_allclose(df.target, raw.target)
-    for mbid in ["mb-phonons-0001", "mb-phonons-0100", "mb-phonons-0777",
-                 "mb-phonons-1265"]:
-        label = df.protostructure[mbid]
-        spg_num = SpacegroupAnalyzer(raw.structure[mbid], symprec=0.1).get_space_group_number()
-        assert label.split(":")[0].split("_")[2] == str(spg_num)
-        assert label.split(":")[1] == raw.structure[mbid].chemical_system
-    assert df.protostructure["mb-phonons-0001"] == "AB_cF8_225_a_b:Ba-Te"
-
-
-def test_featurize_composition_tasks_skip_and_force(featurized):
-    featurized("matbench_steels", "matbench_jdft2d")
-    steels = load_featurized("matbench_steels")
-    assert len(steels) == 312 and "protostructure" not in steels
-    jdft2d = load_featurized("matbench_jdft2d")  # structure task, no structures here
-    assert len(jdft2d) == 636 and "protostructure" not in jdft2d
-    before = os.path.getmtime(DATA_PATHS["matbench_steels"])
-    summary = featurize(["matbench_steels"])
-    assert "already done" in summary.loc["matbench_steels", "note"]
-    assert os.path.getmtime(DATA_PATHS["matbench_steels"]) == before
-    summary = featurize(["matbench_steels"], force=True)
-    assert summary.loc["matbench_steels", "rows"] == 312
-
-
-def test_unlabellable_structure_is_recorded_not_dropped(featurized, monkeypatch):
-    featurized("matbench_phonons")
-    raw = load_raw_task("matbench_phonons").iloc[:6].copy()
-    # a 0.01 A cell: spglib cannot determine the symmetry of this "crystal"
-    broken = Structure(Lattice.cubic(0.01), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3])
-    raw.at[raw.index[2], "structure"] = broken
-    label, error = protostructure_label(broken)
-    assert label is None and error
-    import mat_bench.featurize_matbench as fm
-
-    monkeypatch.setattr(fm, "load_raw_task", lambda task: raw)
-    monkeypatch.setitem(DATA_PATHS, "matbench_phonons", str(Path(DATA_PATHS[
-        "matbench_phonons"]).with_name("broken.csv.gz")))
-    summary = fm.featurize_task("matbench_phonons", workers=1)
-    assert (summary["rows"], summary["labelled"], summary["failed"]) == (6, 5, 1)
-    df = pd.read_csv(DATA_PATHS["matbench_phonons"], index_col="mbid")
-    assert len(df) == 6 and df.protostructure.isna().sum() == 1
-    assert isinstance(df.label_error.iloc[2], str)
-
-
-def test_killed_featurize_leaves_old_file_intact(featurized, monkeypatch):
-    featurized("matbench_steels")
-    path = DATA_PATHS["matbench_steels"]
-    before = Path(path).read_bytes()
-
-    def crash(self, *args, **kwargs):
-        Path(args[0]).write_text("half a file")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pd.DataFrame, "to_csv", crash)
-    with pytest.raises(KeyboardInterrupt):
-        featurize(["matbench_steels"], force=True)
-    assert Path(path).read_bytes() == before
-    assert not [p for p in os.listdir(Path(path).parent) if p.endswith(".tmp")]
-
-
-# --- folds --------------------------------------------------------------------------
-@pytest.mark.parametrize("task", ["matbench_steels", "matbench_phonons",
-                                  "matbench_mp_e_form"])
-def test_fold_ids_are_matbenchs(task):
-    from matbench.task import MatbenchTask
-
-    mb_task = MatbenchTask(task, autoload=False)
-    all_test = []
-    for fold in range(5):
-        train_ids, test_ids = get_fold_ids(task, fold)
-        assert list(mb_task.validation[f"fold_{fold}"].test) == test_ids
-        assert list(mb_task.validation[f"fold_{fold}"].train) == train_ids
-        assert not set(train_ids) & set(test_ids)
-        all_test += test_ids
-    assert len(all_test) == len(set(all_test)) == mb_task.metadata.n_samples
 
 
 # --- training and result files ------------------------------------------------------
@@ -178,23 +91,6 @@ def test_cli_prints_score_and_exits_zero(featurized, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "test mae =" in proc.stdout
     check_fold_files(tmp_path, "cli", "matbench_steels", 4, "mae", 62)
-
-
-def _merge_worker(args):
-    path, idx = args
-    merge_fold_result(path, f"task_{idx % 4}", idx, {"value": idx, "pad": "x" * 5000})
-
-
-def test_concurrent_merges_lose_nothing(tmp_path):
-    path = tmp_path / "model_scores" / "many.json"
-    n_writers = 32
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(16) as pool:  # 16 processes writing at once, 32 entries in all
-        pool.map(_merge_worker, [(path, idx) for idx in range(n_writers)], chunksize=1)
-    data = json.loads(path.read_text())
-    found = {(task, fold) for task, folds in data.items() for fold in folds}
-    assert found == {(f"task_{i % 4}", f"fold_{i}") for i in range(n_writers)}
-    assert all(data[f"task_{i % 4}"][f"fold_{i}"]["value"] == i for i in range(n_writers))
 
 
 def test_amp_on_a_cpu_without_native_bf16_warns(featurized, tmp_path, capsys,
@@ -277,7 +173,7 @@ def test_stacked_folds_and_ensembles_write_each_fold(featurized, tmp_path):
                            **TINY)
     entry, preds = check_fold_files(tmp_path, "ens", "matbench_expt_is_metal", 2,
                                     "rocauc", entries[2]["n_test"])
-    assert preds["prediction"] == [int(p >= 0.5) for p in preds["probability"]]
+    assert preds["prediction"] == [int(p > 0.5) for p in preds["probability"]]
     assert len(preds["probability_std"]) == len(preds["probability"])
     assert len(entry["members"]) == 2 and "rocauc" in entry["members"][0]
 
@@ -287,7 +183,8 @@ def test_sigterm_checkpoints_and_rerun_resumes(featurized, tmp_path):
     cmd = [sys.executable, "run_matbench.py", "--model", "roostformer", "--task",
            "matbench_steels", "--fold", "2", "--epochs", "60", "--run-name", "term",
            "--out-dir", str(tmp_path), "--checkpoint", "local", "--no-progress",
-           "--d-model", "32", "--n-heads", "2", "--n-attn-layers", "1", "--batch-size", "8"]
+           "--d-model", "32", "--n-heads", "2", "--n-attn-layers", "1",
+           "--batch-size", "8"]
     ckpt = tmp_path / "checkpoints" / "term" / "matbench_steels-fold_2.pt"
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -298,6 +195,12 @@ def test_sigterm_checkpoints_and_rerun_resumes(featurized, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "stopped by SIGTERM" in err
     assert not (tmp_path / "model_scores" / "term.json").exists()
+    # as if saved before --gate and --frac-jitter existed: still resumes (defaults)
+    import torch
+
+    saved = torch.load(ckpt, weights_only=False)
+    del saved["params"]["gate"], saved["params"]["frac_jitter"]
+    torch.save(saved, ckpt)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "resuming matbench_steels fold_2 from epoch" in proc.stdout
@@ -375,49 +278,6 @@ def test_invalid_results_file_is_never_overwritten(featurized, tmp_path, capsys)
         merge_fold_result(scores, "matbench_steels", 1, {})
 
 
-def test_unknown_task_in_featurize(capsys):
-    from mat_bench.featurize_matbench import main
-
-    assert main(["--tasks", "matbench_foo"]) == 2
-    assert "unknown task 'matbench_foo'" in capsys.readouterr().err
-
-
-def test_missing_raw_data_says_what_to_do(monkeypatch, tmp_path):
-    """A task with no local copy goes to matminer's download, under a socket
-    timeout (a silent network fails instead of hanging), and a failed download says
-    where to put the local copy."""
-    import socket
-
-    import matbench.data_ops
-
-    from mat_bench.data import DOWNLOAD_TIMEOUT_S
-
-    monkeypatch.setenv("MATBENCH_RAW_DIR", str(tmp_path))
-    before = socket.getdefaulttimeout()
-
-    def no_network(name):
-        assert socket.getdefaulttimeout() == DOWNLOAD_TIMEOUT_S
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr(matbench.data_ops, "load", no_network)
-    with pytest.raises(UserError, match="set MATBENCH_RAW_DIR"):
-        load_raw_task("matbench_steels")
-    assert socket.getdefaulttimeout() == before
-
-
-def test_raw_dir_that_does_not_exist_is_named(monkeypatch, tmp_path):
-    monkeypatch.setenv("MATBENCH_RAW_DIR", f"{tmp_path}:{tmp_path / 'typo'}")
-    with pytest.raises(UserError, match="typo, which is not a folder"):
-        load_raw_task("matbench_steels")
-
-
-def test_corrupt_raw_file(monkeypatch, tmp_path):
-    (tmp_path / "matbench_steels.json.bz2").write_bytes(b"not bz2 at all")
-    monkeypatch.setenv("MATBENCH_RAW_DIR", str(tmp_path))
-    with pytest.raises(UserError, match="could not load matbench_steels"):
-        load_raw_task("matbench_steels")
-
-
 def test_package_imports_outside_repo(tmp_path):
     """Scripts import shared code as mat_bench.*, whatever the clone is named."""
     proc = subprocess.run([sys.executable, "-c", "import mat_bench.run_matbench, "
@@ -448,8 +308,8 @@ def test_wandb_online_without_login_says_what_to_do(featurized, tmp_path, monkey
     (["--run-name", "../../x"], "must be a plain file name"),
     (["--run-name", "a/b"], "must be a plain file name"),
     (["--run-name", ""], "must be a plain file name"),
-    (["--run-name", "ok", "--learning-rate", "nan"], "--learning-rate must be a finite"),
-    (["--run-name", "ok", "--learning-rate", "inf"], "--learning-rate must be a finite"),
+    (["--run-name", "ok", "--learning-rate", "nan"], "--learning-rate must be a fin"),
+    (["--run-name", "ok", "--learning-rate", "inf"], "--learning-rate must be a fin"),
     (["--run-name", "ok", "--device", "tpu"], "--device 'tpu' is not supported"),
     (["--run-name", "ok", "--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (["--run-name", "ok", "--weight-decay", "-1"], "--weight-decay must be"),
@@ -530,8 +390,8 @@ def test_truncated_checkpoint_says_what_to_do(featurized, tmp_path, capsys):
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"PK\x03\x04 truncated")
     code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--fold",
-                     "0", "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "t",
-                     "--checkpoint", "local"])
+                     "0", "--epochs", "1", "--out-dir", str(tmp_path), "--run-name",
+                     "t", "--checkpoint", "local"])
     err = capsys.readouterr().err
     assert code == 2 and "is unreadable" in err and "delete it" in err
     assert not list(tmp_path.rglob("*.json"))
@@ -569,69 +429,83 @@ def test_ctrl_c_ends_with_one_line(featurized, tmp_path, checkpoint):
     assert not list(tmp_path.rglob("*.json"))
 
 
-def _merging_writer(args):
-    """Merge folds into one run's two files again and again (killed from outside)."""
-    from mat_bench.data import merge_fold_results
-
-    out, worker = args
-    for idx in range(10_000):
-        fold = (worker * 7 + idx) % 5
-        merge_fold_results(out / "model_preds" / "k.json", out / "model_scores" / "k.json",
-                           f"task_{worker}", {fold: ({"prediction": [idx] * 500},
-                                                     {"mae": float(idx)})})
-
-
-def test_killed_writers_leave_predictions_and_scores_in_step(tmp_path):
-    """8 processes merge folds at once; 3 are SIGKILLed at random moments. Scores
-    never name a fold whose predictions are missing, and after the next merge both
-    files hold the same (task, fold) entries."""
-    import random
-
-    from mat_bench.data import merge_fold_results
-
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_merging_writer, args=((tmp_path, w),))
-             for w in range(8)]
-    for proc in procs:
-        proc.start()
-    time.sleep(4)
-    rng = random.Random(0)
-    for proc in rng.sample(procs, 3):
-        time.sleep(rng.uniform(0, 0.5))
-        os.kill(proc.pid, signal.SIGKILL)
-    time.sleep(1)
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-        proc.join()
-    keys = lambda path: {(t, f) for t, folds in read_json_results(path).items()  # noqa: E731
-                         for f in folds}
-    preds, scores = tmp_path / "model_preds" / "k.json", tmp_path / "model_scores" / "k.json"
-    assert keys(scores) and keys(scores) <= keys(preds)
-    merge_fold_results(preds, scores, "task_0", {0: ({"prediction": []}, {"mae": 0.0})})
-    assert keys(preds) == keys(scores)
-    assert not list(tmp_path.rglob(".*.tmp"))
+# --- validation records: ensembles on a shared split, the threshold --------------
+def test_fold_validation_scores_the_ensemble_and_picks_the_threshold():
+    rng = np.random.default_rng(1)
+    targets = np.array([1] * 60 + [0] * 20)
+    members = np.clip(0.7 + 0.25 * (targets - 0.5) + rng.normal(0, 0.05, (3, 80)),
+                      0, 1)
+    out = fold_validation(members, targets, "classification", "median", True)
+    ensemble = np.median(members, axis=0)
+    assert out["threshold"] == training.best_threshold(targets, ensemble)
+    assert out["val_balanced_accuracy_default"] == balanced_accuracy_score(
+        targets, ensemble > 0.5)
+    assert out["val"]["balanced_accuracy"] >= out["val_balanced_accuracy_default"]
+    assert out["val_rocauc"] == out["val"]["rocauc"] and len(out["val_members"]) == 3
+    assert fold_validation(members, targets, "classification", "mean", False)[
+        "threshold"] == training.CLASS_THRESHOLD
+    reg = fold_validation(np.array([[1.0, 2.0], [3.0, 2.0], [8.0, 2.0]]),
+                          np.array([3.0, 2.0]), "regression", "median", False)
+    assert reg["val_mae"] == 0.0 and reg["val_by_aggregation"]["mean"] == 0.5
+    assert aggregate(np.array([[0.0], [1.0], [5.0]]), "median")[0] == 1.0
 
 
-def test_predictions_are_gzipped_per_task_and_old_run_files_still_read(tmp_path):
-    preds_dir, scores = tmp_path / "model_preds", tmp_path / "model_scores" / "r.json"
-    for task, fold in (("matbench_steels", 0), ("matbench_glass", 2)):
-        merge_fold_results(preds_file(preds_dir, "r", task), scores, task,
-                           {fold: ({"prediction": [fold]}, {"mae": 1.0})})
-    path = preds_file(preds_dir, "r", "matbench_steels")
-    assert path.read_bytes()[:2] == b"\x1f\x8b"  # gzip
-    first = path.read_bytes()
-    merge_fold_results(path, scores, "matbench_steels",
-                       {0: ({"prediction": [0]}, {"mae": 1.0})})
-    assert path.read_bytes() == first  # no timestamp: equal content, equal bytes
-    # a run written before predictions were split per task: its RUN.json is read,
-    # and per-task files win over it
-    (preds_dir / "r.json").write_text(json.dumps(
-        {"matbench_jdft2d": {"fold_1": {"prediction": [1]}},
-         "matbench_steels": {"fold_0": {"prediction": ["old"]}}}))
-    preds = read_run_preds(preds_dir, "r")
-    assert sorted(preds) == ["matbench_glass", "matbench_jdft2d", "matbench_steels"]
-    assert preds["matbench_steels"]["fold_0"]["prediction"] == [0]
-    path.write_bytes(first[:20])  # a truncated gzip file is refused, not overwritten
-    with pytest.raises(UserError, match="not valid JSON"):
-        read_run_preds(preds_dir, "r")
+def test_members_of_a_fold_share_their_validation_split():
+    import pandas as pd
+
+    df = pd.DataFrame({"composition": ["Fe"] * 50}, index=[f"m{i}" for i in range(50)])
+    fold_ids = {0: (list(df.index[:40]), []), 3: (list(df.index[10:]), [])}
+    members, _ = split_members(df, "composition", fold_ids, 3, 7, 0.2)
+    assert [(m.fold, m.seed) for m in members] == [(f, s) for f in (0, 3)
+                                                  for s in (7, 8, 9)]
+    for fold in (0, 3):
+        group = [m for m in members if m.fold == fold]
+        assert len(group[0].val_idx) == 8
+        for member in group[1:]:
+            assert np.array_equal(member.val_idx, group[0].val_idx)
+            assert np.array_equal(member.fit_idx, group[0].fit_idx)
+        assert not set(group[0].val_idx) & set(group[0].fit_idx)
+    # a single member keeps the split it had before splits were shared
+    (solo,), _ = split_members(df, "composition", {0: fold_ids[0]}, 1, 7, 0.2)
+    perm = np.random.default_rng(7).permutation(40)
+    assert np.array_equal(solo.val_idx, perm[:8])
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--task", "matbench_glass", "--val-threshold", "--val-fraction", "0"],
+     "needs a validation split"),
+    (["--task", "matbench_steels", "--frac-jitter", "0.7"], "--frac-jitter must be"),
+])
+def test_lever_mistakes_say_what_to_do(tmp_path, capsys, flags, message):
+    code = run_main(["--model", "roostformer", "--fold", "0", *flags,
+                     "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_records_threshold_and_ensemble_validation(featurized, tmp_path):
+    """A classification ensemble with --val-threshold: the labels are the mean
+    probability at the threshold chosen on validation, which the scores record
+    with the validation metrics of each aggregation."""
+    featurized("matbench_glass")
+    code = run_main(["--model", "roostformer", "--task", "matbench_glass", "--fold",
+                     "1", "--ensemble", "2", "--epochs", "1", "--d-model", "16",
+                     "--n-heads", "2", "--n-attn-layers", "1", "--val-threshold",
+                     "--frac-jitter", "0.02", "--out-dir", str(tmp_path), "--run-name",
+                     "t", "--no-progress"])
+    assert code == 0
+    scores = json.loads((tmp_path / "model_scores" / "t.json").read_text())
+    entry = scores["matbench_glass"]["fold_1"]
+    from mat_bench.data import preds_file, read_json_results
+
+    preds = read_json_results(preds_file(tmp_path / "model_preds", "t",
+                                         "matbench_glass"))["matbench_glass"]["fold_1"]
+    probs = np.array(preds["probability"])
+    assert preds["prediction"] == (probs > entry["threshold"]).astype(int).tolist()
+    assert entry["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(
+        preds["target"], preds["prediction"]))
+    assert set(entry["val_by_aggregation"]) == {"mean", "median"}
+    assert entry["val_rocauc"] == entry["val"]["rocauc"]
+    assert all("val" in member for member in entry["members"])
+    assert entry["params"]["val_threshold"] and entry["params"]["frac_jitter"] == 0.02

@@ -1,0 +1,415 @@
+"""Run bookkeeping shared by the scripts: the models, every hyperparameter with its
+default and help (run_matbench.py's flags are derived from them), the checks of a
+run's arguments, which (task, fold) pairs a run has done, and where its results
+live. Light to import: no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mat_bench import ALL_TASKS, DATA_PATHS, N_FOLDS, ROOT, STRUCTURE_TASKS
+from mat_bench.data import (
+    HelpFormatter,
+    UserError,
+    check_fold,
+    check_task,
+    preds_file,
+    read_json_results,
+)
+
+MODELS = ("roostformer", "wrenformer")
+
+# every hyperparameter in one place: (default, help). The defaults are those of the
+# committed results; run_matbench.py's flags, their types and --help come from here.
+HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
+    "epochs": (300, "training epochs"),
+    "batch_size": (128, "materials per step and member"),
+    "learning_rate": (1e-3, "AdamW's peak learning rate"),
+    "weight_decay": (1e-2, "AdamW's decoupled weight decay"),
+    "warmup_frac": (0.05, "share of the steps with a linear warm-up, then cosine "
+                          "decay"),
+    "n_attn_layers": (3, "transformer encoder layers"),
+    "d_model": (128, "width of the transformer"),
+    "n_heads": (4, "attention heads"),
+    "dropout": (0.0, "dropout in the encoder"),
+    "embedding_aggregations": (("mean",), "pooling of the transformer output over a "
+                                          "material's tokens: mean std sum min max"),
+    "frac_encoding": (64, "dims of the sinusoidal fraction encoding, 0 = off"),
+    "robust": (False, "aviary's robust L1 loss with a learned uncertainty"),
+    "gate": (False, "regression tasks (others ignore it): the prediction times the "
+                    "sigmoid of a second output, as CrabNet's, so it can be exactly 0"),
+    "frac_jitter": (0.0, "training augmentation: fractions x (1 + jitter x N(0, 1)), "
+                         "renormalized, as CrabNet's"),
+    "ensemble_aggregation": ("mean", "a fold's prediction from its --ensemble "
+                                     "members: mean or median"),
+    "val_threshold": (False, "classification tasks (others ignore it): labels at the "
+                             "threshold with the best balanced accuracy on the "
+                             "validation split instead of 0.5"),
+    "val_fraction": (0.1, "share of each training fold held out for validation"),
+    "seed": (0, "seed of the first member; member k of a fold has seed + k"),
+    "amp": (None, "bf16 compute with fp32 master weights: autocast on CUDA, a bf16 "
+                  "copy of the model on a CPU (default None: on for CUDA, off for "
+                  "CPU)"),
+}
+DEFAULTS: dict[str, Any] = {key: default
+                             for key, (default, _) in HYPERPARAMETERS.items()}
+CHOICES = {"ensemble_aggregation": ("mean", "median")}
+
+
+def add_hyperparameter_args(parser: argparse.ArgumentParser | Any) -> None:
+    """A flag per hyperparameter (--batch-size for batch_size), its type, default
+    and help from HYPERPARAMETERS: switches (bool, or None for the device's
+    choice) take --x/--no-x, tuples take one or more values."""
+    for key, (default, help_text) in HYPERPARAMETERS.items():
+        flag = f"--{key.replace('_', '-')}"
+        if default is None or isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, nargs="+", default=list(default),
+                                choices=CHOICES.get(key), help=help_text)
+        else:
+            parser.add_argument(flag, type=type(default), default=default,
+                                choices=CHOICES.get(key), help=help_text)
+
+
+# --- checks: one clear line before anything is loaded or written ---------------
+def check_model_task(model: str, task: str) -> None:
+    """Raise UserError for an unknown model or task, or Wrenformer on a task without
+    crystal structures."""
+    if model not in MODELS:
+        raise UserError(f"unknown model {model!r}: use roostformer or wrenformer")
+    check_task(task)
+    if model == "wrenformer" and task not in STRUCTURE_TASKS:
+        raise UserError(
+            f"wrenformer needs crystal structures but {task} is a composition-only "
+            "task: use --model roostformer for it"
+        )
+
+
+def check_args(model: str, task: str, fold: int, params: dict[str, Any],
+               wandb_mode: str, checkpoint: str) -> None:
+    """Raise UserError for any bad argument, before anything is loaded or written."""
+    check_model_task(model, task)
+    check_fold(fold)
+    for key in ("epochs", "batch_size", "n_attn_layers", "d_model", "n_heads"):
+        if params[key] < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1, "
+                            f"got {params[key]}")
+    if params["d_model"] % params["n_heads"]:
+        raise UserError(f"--d-model {params['d_model']} must be divisible by "
+                        f"--n-heads {params['n_heads']}")
+    if not 0 <= params["val_fraction"] < 0.5:
+        raise UserError("--val-fraction must be in [0, 0.5)")
+    ranges = {  # flag: (lowest, highest, highest included), all finite
+        "learning_rate": (0.0, math.inf, False), "weight_decay": (0.0, math.inf, False),
+        "warmup_frac": (0.0, 1.0, True), "dropout": (0.0, 1.0, False),
+        "seed": (0, math.inf, False)}
+    for key, (low, high, high_ok) in ranges.items():
+        value = params[key]
+        above_low = value > low if key == "learning_rate" else value >= low
+        below_high = value <= high if high_ok else value < high
+        if not (math.isfinite(value) and above_low and below_high):
+            flag = f"--{key.replace('_', '-')}"
+            want = {"learning_rate": "a finite number above 0",
+                    "weight_decay": "a finite number, 0 or more",
+                    "warmup_frac": "in [0, 1]", "dropout": "in [0, 1)",
+                    "seed": "a whole number, 0 or more"}[key]
+            raise UserError(f"{flag} must be {want}, got {value}")
+    if not (math.isfinite(params["frac_jitter"]) and 0 <= params["frac_jitter"] < 0.5):
+        raise UserError("--frac-jitter must be in [0, 0.5), got "
+                        f"{params['frac_jitter']}")
+    if params["ensemble_aggregation"] not in ("mean", "median"):
+        raise UserError("--ensemble-aggregation must be mean or median, got "
+                        f"{params['ensemble_aggregation']!r}")
+    if params["val_threshold"] and not params["val_fraction"]:
+        raise UserError("--val-threshold needs a validation split: set --val-fraction "
+                        "above 0")
+    if params["frac_encoding"] < 0 or params["frac_encoding"] % 4:
+        raise UserError("--frac-encoding must be 0 or a positive multiple of 4")
+    bad_aggs = set(params["embedding_aggregations"]) - {"mean", "std", "sum", "min",
+                                                         "max"}
+    if bad_aggs or not params["embedding_aggregations"]:
+        raise UserError("--embedding-aggregations takes one or more of mean std sum "
+                        f"min max, got {list(params['embedding_aggregations'])}")
+    if wandb_mode not in ("disabled", "offline", "online"):
+        raise UserError("--wandb must be disabled, offline or online")
+    if checkpoint not in ("none", "local"):
+        raise UserError("--checkpoint must be none or local")
+
+
+RUN_NAME_PATTERN = r"[\w+@=-][\w.+@=-]*"  # a plain file name: no path, no leading dot
+
+
+def check_run_name(run_name: str) -> None:
+    """Raise UserError unless run_name can name the results files."""
+    if not re.fullmatch(RUN_NAME_PATTERN, run_name):
+        raise UserError(f"--run-name {run_name!r} must be a plain file name: letters, "
+                        "digits and . _ - + @ =, not starting with a dot")
+
+
+def check_device(device: str | None) -> None:
+    """Raise UserError for a device torch cannot train on here."""
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device {device!r} is not supported: use cpu or cuda "
+                        "(cuda:N for the N-th GPU)")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Raise UserError unless out_dir is (or can be made) a writable folder."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"--out-dir {out_dir}: {existing} is a file, not a folder: "
+                        "choose another --out-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir {out_dir}: {existing} is not writable: choose "
+                        "another --out-dir")
+
+
+def check_folds(folds: Sequence[int], ensemble: int) -> None:
+    """Raise UserError for bad --folds or --ensemble values."""
+    if not folds:
+        raise UserError("give at least one fold: --fold F or --folds F [F ...]")
+    for fold in folds:
+        check_fold(fold)
+    if len(set(folds)) != len(folds):
+        raise UserError(f"--folds {' '.join(map(str, folds))} repeats a fold")
+    if ensemble < 1:
+        raise UserError(f"--ensemble must be at least 1, got {ensemble}")
+
+
+def default_run_name(model: str) -> str:
+    """A run name from the model and the time: roostformer-2026-11-28@10-15."""
+    return f"{model}-{datetime.datetime.now():%Y-%m-%d@%H-%M}"
+
+
+# --- where a run's results live ----------------------------------------------------
+def scores_path(out_dir: str | os.PathLike, run_name: str) -> Path:
+    """The run's merged scores file: OUT_DIR/model_scores/RUN.json."""
+    return Path(out_dir) / "model_scores" / f"{run_name}.json"
+
+
+def preds_path(out_dir: str | os.PathLike, run_name: str, task: str) -> Path:
+    """The run's predictions on a task: OUT_DIR/model_preds/RUN/TASK.json.gz."""
+    return preds_file(Path(out_dir) / "model_preds", run_name, task)
+
+
+def checkpoint_path(out_dir: str | os.PathLike, run_name: str, task: str,
+                    folds: Sequence[int], ensemble: int) -> Path:
+    """Where a run's checkpoint lives (one file per task and set of members)."""
+    name = f"{task}-{fold_tag(folds)}"
+    if ensemble > 1 or len(folds) > 1:
+        name += f"-ensemble_{ensemble}"
+    return Path(out_dir) / "checkpoints" / run_name / f"{name}.pt"
+
+
+def fold_tag(folds: Sequence[int]) -> str:
+    """fold_3, or fold_0-1-2 for folds trained together."""
+    return "fold_" + "-".join(map(str, folds))
+
+
+# --- what a run covers and has done -----------------------------------------------
+def has_wyckoff_labels(task: str) -> bool:
+    """Whether the task's featurized file exists and holds at least one Wyckoff
+    (protostructure) label, which Wrenformer needs."""
+    path = DATA_PATHS[task]
+    if not os.path.isfile(path):
+        return False
+    try:
+        if "protostructure" not in pd.read_csv(path, nrows=0).columns:
+            return False
+        labels = pd.read_csv(path, usecols=["protostructure"]).protostructure
+    except Exception as exc:  # unreadable file: say which and how to fix it
+        raise UserError(
+            f"featurized file {path} is unreadable ({type(exc).__name__}): rebuild it "
+            f"with `python featurize_matbench.py --tasks {task} --force`"
+        ) from exc
+    return bool(labels.notna().any())
+
+
+def wrenformer_tasks() -> list[str]:
+    """Structure tasks whose featurized file has Wyckoff labels."""
+    return [task for task in STRUCTURE_TASKS if has_wyckoff_labels(task)]
+
+
+def select_pairs(model: str, tasks: Sequence[str] | None,
+                 folds: Sequence[int] | None) -> list[tuple[str, int]]:
+    """The (task, fold) pairs of a run: Roostformer on all tasks, Wrenformer on the
+    structure tasks with Wyckoff labels, narrowed by `tasks` and `folds`. Raises
+    UserError for an unknown task or fold, a model/task pair that cannot run, or a
+    task that has not been featurized."""
+    folds = sorted(set(range(N_FOLDS) if folds is None else folds))
+    for fold in folds:
+        check_fold(fold)
+    if tasks:
+        for task in tasks:
+            check_task(task)
+        tasks = list(dict.fromkeys(tasks))  # drop repeats, keep order
+    if model == "wrenformer":
+        if tasks is None or not tasks:
+            tasks = wrenformer_tasks()
+            if not tasks:
+                raise UserError(
+                    "no featurized structure task has Wyckoff labels, so Wrenformer "
+                    "has nothing to run: featurize a task whose structures are "
+                    "available (`python featurize_matbench.py --tasks "
+                    "matbench_phonons`)"
+                )
+        for task in tasks:
+            check_model_task(model, task)
+            if os.path.isfile(DATA_PATHS[task]) and not has_wyckoff_labels(task):
+                raise UserError(
+                    f"{task} has no Wyckoff labels in {DATA_PATHS[task]} (its "
+                    "structures were not available when it was featurized), so "
+                    "wrenformer cannot run on it; labelled tasks here: "
+                    f"{', '.join(wrenformer_tasks()) or 'none'}"
+                )
+    elif not tasks:
+        tasks = list(ALL_TASKS)
+    missing = [task for task in tasks if not os.path.isfile(DATA_PATHS[task])]
+    if missing:
+        raise UserError(
+            f"not featurized yet: {', '.join(missing)} (looked in "
+            f"{os.path.dirname(DATA_PATHS[missing[0]])}): run `python "
+            f"featurize_matbench.py --tasks {' '.join(missing)}` before submitting"
+        )
+    return [(task, fold) for task in tasks for fold in folds]
+
+
+def done_pairs(path: str | os.PathLike, model: str) -> set[tuple[str, int]]:
+    """(task, fold) pairs that a scores file already holds. Raises UserError if the
+    file holds another model's results (a reused run name)."""
+    done = set()
+    for task, folds in read_json_results(path).items():
+        for key, entry in (folds or {}).items():
+            if not re.fullmatch(r"fold_\d+", key):
+                continue
+            other = (entry or {}).get("params", {}).get("model", model)
+            if other != model:
+                raise UserError(
+                    f"{path} holds {other} results ({task} {key}), not {model}: "
+                    "pick another --run-name"
+                )
+            done.add((task, int(key[5:])))
+    return done
+
+
+# --- run_matbench.py's arguments, checked before any job starts --------------
+# filled in by the job script; $FOLDS unquoted: one word per fold (--per-task)
+TASK_VAR, FOLD_VAR, FOLDS_VAR = '"$TASK"', '"$FOLD"', "$FOLDS"
+
+
+def gpu_count(gpus_per_node: str) -> int:
+    """The number in --gpus-per-node's `N` or `TYPE:N`."""
+    return int(gpus_per_node.rsplit(":", 1)[-1])
+
+
+def run_matbench_args(model: str, run_name: str, out_dir: str | os.PathLike,
+                      extra: Sequence[str], gpus_per_node: str,
+                      requeue: bool, per_task: bool = False) -> list[str]:
+    """run_matbench.py's arguments for an element, with TASK_VAR and FOLD_VAR (or,
+    per task, FOLDS_VAR) for the shell to fill in. The device follows --gpus-per-node
+    and --requeue turns on checkpoints, unless `extra` (the user's pass-through
+    flags, last) says otherwise."""
+    folds = ["--folds", FOLDS_VAR] if per_task else ["--fold", FOLD_VAR]
+    args = ["--model", model, "--task", TASK_VAR, *folds,
+            "--run-name", run_name, "--out-dir", str(out_dir),
+            "--device", "cuda" if gpu_count(gpus_per_node) else "cpu",
+            "--no-progress"]
+    if requeue:
+        args += ["--checkpoint", "local"]
+    return args + list(extra)
+
+
+def check_run_args(args: Sequence[str], model: str, run_name: str,
+                   out_dir: str | os.PathLike, requeue: bool) -> None:
+    """Check an element's run_matbench.py arguments (from run_matbench_args) with its
+    own parser and argument checks, so that a typo fails here, not in every element."""
+    task = ALL_TASKS[0] if model == "roostformer" else STRUCTURE_TASKS[0]
+    parser = build_run_parser()
+    parser.prog = "run_matbench.py"  # in its messages for bad values
+    sentinel = {TASK_VAR: "<task of the element>", FOLD_VAR: "99999",
+                FOLDS_VAR: "99999"}
+    try:
+        ns, unknown = parser.parse_known_args([sentinel.get(arg, arg) for arg in args])
+    except SystemExit as exc:  # argparse said why on stderr (e.g. --fold with --folds)
+        raise UserError("run_matbench.py refused these flags (above): --task, --fold "
+                        "and --folds are set by slurm_submit.py, use --tasks and "
+                        "--folds") from exc
+    if unknown:
+        raise UserError(
+            f"run_matbench.py does not take {' '.join(unknown)} (see `python "
+            "run_matbench.py --help`; options of slurm_submit.py: --help)"
+        )
+    per_task = FOLDS_VAR in args
+    for flag, value in (("--model", model), ("--task", sentinel[TASK_VAR]),
+                        ("--folds", [99999]) if per_task else ("--fold", 99999),
+                        ("--run-name", run_name), ("--out-dir", str(out_dir))):
+        if getattr(ns, flag[2:].replace("-", "_")) != value:
+            hint = {"--task": "use --tasks", "--fold": "use --folds",
+                    "--folds": "use --folds"}.get(
+                flag, "give it once, spelled out in full")
+            raise UserError(f"{flag} is set by slurm_submit.py for each element: "
+                            f"{hint}")
+    if ns.cuda_graphs and (ns.device != "cuda" or model != "roostformer"):
+        raise UserError("--cuda-graphs needs GPUs (--gpus-per-node 1 or more) and "
+                        "--model roostformer: drop --cuda-graphs")
+    if ns.ensemble < 1:
+        raise UserError(f"--ensemble must be at least 1, got {ns.ensemble}")
+    if requeue and ns.checkpoint != "local":
+        raise UserError("--requeue resumes from checkpoints: drop --checkpoint none")
+    params = {key: getattr(ns, key) for key in DEFAULTS}
+    params["embedding_aggregations"] = tuple(params["embedding_aggregations"])
+    check_args(model, task, 0, params, ns.wandb, ns.checkpoint)
+    check_device(ns.device)
+
+
+
+
+def build_run_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """run_matbench.py's command line (slurm_submit.py and run_folds.py check the
+    flags they pass on with it)."""
+    parser = argparse.ArgumentParser(prog="run_matbench.py", description=description,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--model", required=True, choices=MODELS)
+    parser.add_argument("--task", required=True, help="a Matbench v0.1 task name")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--fold", type=int, help="one fold, 0 to 4")
+    which.add_argument("--folds", type=int, nargs="+",
+                       help="several folds, trained together (stacked) in one process")
+    parser.add_argument("--ensemble", type=int, default=1,
+                        help="models per fold, seeds SEED .. SEED+E-1, stacked with "
+                        "the folds; a fold's prediction aggregates theirs")
+    add_hyperparameter_args(parser.add_argument_group("hyperparameters"))
+    parser.add_argument("--device", default=None, help="cpu or cuda (None: cuda if "
+                        "available)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="capture the whole training step in a CUDA graph "
+                        "(Roostformer on CUDA; experimental)")
+    parser.add_argument("--run-name", default=None, help="results file name (None: "
+                        "model and timestamp); jobs sharing it share the files")
+    parser.add_argument("--out-dir", default=ROOT,
+                        help="folder holding model_scores/ and model_preds/")
+    parser.add_argument("--wandb", default="disabled",
+                        choices=["disabled", "offline", "online"], help="W&B logging")
+    parser.add_argument("--wandb-project", default="matbench", help="W&B project")
+    parser.add_argument("--wandb-entity", default=None, help="W&B entity (None: "
+                        "yours)")
+    parser.add_argument("--checkpoint", default="none", choices=["none", "local"],
+                        help="local: save OUT_DIR/checkpoints/RUN/TASK-fold_F.pt every "
+                        "10 epochs and on SIGTERM, and resume from it")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar")
+    return parser
