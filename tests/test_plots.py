@@ -268,7 +268,8 @@ def run_cli(argv, capsys):
 def test_empty_scores_folder(tmp_path, capsys):
     (tmp_path / "scores").mkdir()
     code, err = run_cli(["--scores-dir", tmp_path / "scores", "--preds-dir", tmp_path,
-                         "--out-dir", tmp_path / "out"], capsys)
+                         "--benchmarks-dir", benchmarks(), "--out-dir",
+                         tmp_path / "out"], capsys)
     assert code == 2 and err.startswith("error: no run scores") and "\n" == err[-1]
     assert not (tmp_path / "out").exists()
 
