@@ -77,6 +77,7 @@ from mat_bench.plotting_functions import (
     short_task,
     write_figures,
 )
+from mat_bench.runs import at_defaults
 
 # --- defaults, in one place -------------------------------------------------------
 DEFAULT_OUT_DIR = os.path.join(ROOT, "plots")
@@ -158,7 +159,9 @@ TABLE_NOTE = (
     "Scaled error: MAE / MAD of the target (regression) or (1 - ROC-AUC) / 0.5 "
     "(classification); mean ± std over the test folds. ROC-AUC is computed as "
     "matbench scores a submission (and as the published leaderboard shows it): "
-    "from class labels, probabilities thresholded at 0.5. " + PROB_LABEL + ": "
+    "from class labels (a published entry's probabilities above 0.5; our recorded "
+    "labels, at a threshold chosen on validation where the run says so). "
+    + PROB_LABEL + ": "
     "from the probabilities, where a model recorded them.")
 
 
@@ -192,41 +195,57 @@ def fmt(row: pd.Series) -> str:
     return f"{row['mean']:.4g}"
 
 
+RESULTS_HEADER = [
+    "| task | model | folds | ours | rank | best published | best composition-only "
+    "| CrabNet | epochs | train time per fold | machine |",
+    "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | --- |"]
+
+
 def results_markdown(table: pd.DataFrame, runs: list[Results]) -> str:
     """Our runs next to the leaderboard, one row per (task, run): our score, its rank,
     the best published entry and CrabNet, with epochs, training time per fold and the
-    machine, all read from the result files."""
-    lines = ["| task | model | folds | ours | rank | best published | best "
-             "composition-only | CrabNet | epochs | train time per fold | machine |",
-             "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: "
-             "| --- |"]
+    machine, all read from the result files. Rows trained at today's defaults
+    (runs.at_defaults) come first; the others follow as the history."""
+    current, history = [], []
     for run in runs:
         for task in run.tasks:
-            sub = table[table["task"] == task]
-            ours = sub[(sub["source"] == OURS) & (sub["model"] == run.name)].iloc[0]
-            published = sub[sub["source"] != OURS]
-            best = published.iloc[0] if len(published) else None
-            comp = published[[is_composition_only(m, task) for m in published["model"]]]
-            best_comp = (f"{comp.iloc[0]['model']} {fmt(comp.iloc[0])}" if len(comp)
-                         else "–")
-            crabnet = published[published["model"] == "CrabNet"]
-            # rank among the published entries and this run alone
-            rank = 1 + int((published["scaled_error"] < ours["scaled_error"]).sum())
             entries = list(run.info["scores"][task].values())
             params = entries[0].get("params", {})
-            # a stacked run (--folds) trains its folds at once: its time is theirs
-            seconds = np.mean([e.get("train_seconds", np.nan)
-                               / len(e.get("params", {}).get("folds", [None]))
-                               for e in entries])
-            machine = params.get("gpu") or (f"{params.get('device', '?')}, torch "
-                                            f"{params.get('torch_version', '?')}")
-            lines.append(
-                f"| {task} | {run.name} | {ours['folds']} | {fmt(ours)} ± "
-                f"{ours['std']:.2g} | {rank} of {len(published) + 1} | "
-                + (f"{best['model']} {fmt(best)}" if best is not None else "–")
-                + f" | {best_comp} | {fmt(crabnet.iloc[0]) if len(crabnet) else '–'} | "
-                f"{params.get('epochs', '?')} | {seconds:.0f} s | {machine} |")
+            row = result_row(table, run, task, entries)
+            (current if at_defaults(params) else history).append(row)
+    lines = ["Trained at today's defaults:", "", *RESULTS_HEADER,
+             *(current or ["| – | none yet | | | | | | | | | |"])]
+    if history:
+        lines += ["", "Earlier runs, at other settings (history):", "",
+                  *RESULTS_HEADER, *history]
     return "\n".join(lines)
+
+
+def result_row(table: pd.DataFrame, run: Results, task: str, entries: list[dict]
+               ) -> str:
+    """One row of the results table."""
+    sub = table[table["task"] == task]
+    ours = sub[(sub["source"] == OURS) & (sub["model"] == run.name)].iloc[0]
+    published = sub[sub["source"] != OURS]
+    best = published.iloc[0] if len(published) else None
+    comp = published[[is_composition_only(m, task) for m in published["model"]]]
+    best_comp = (f"{comp.iloc[0]['model']} {fmt(comp.iloc[0])}" if len(comp)
+                 else "–")
+    crabnet = published[published["model"] == "CrabNet"]
+    # rank among the published entries and this run alone
+    rank = 1 + int((published["scaled_error"] < ours["scaled_error"]).sum())
+    params = entries[0].get("params", {})
+    # a stacked run (--folds) trains its folds at once: its time is theirs
+    seconds = np.mean([e.get("train_seconds", np.nan)
+                       / len(e.get("params", {}).get("folds", [None]))
+                       for e in entries])
+    machine = params.get("gpu") or (f"{params.get('device', '?')}, torch "
+                                    f"{params.get('torch_version', '?')}")
+    return (f"| {task} | {run.name} | {ours['folds']} | {fmt(ours)} ± "
+            f"{ours['std']:.2g} | {rank} of {len(published) + 1} | "
+            + (f"{best['model']} {fmt(best)}" if best is not None else "–")
+            + f" | {best_comp} | {fmt(crabnet.iloc[0]) if len(crabnet) else '–'} | "
+            f"{params.get('epochs', '?')} | {seconds:.0f} s | {machine} |")
 
 
 def update_readme(readme: Path, text: str) -> None:

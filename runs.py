@@ -66,6 +66,21 @@ DEFAULTS: dict[str, Any] = {key: default
 CHOICES = {"ensemble_aggregation": ("mean", "median")}
 
 
+AT_ANY_VALUE = ("amp", "seed")  # hyperparameters that do not set a run's recipe
+
+
+def at_defaults(params: dict[str, Any]) -> bool:
+    """Whether a run's recorded params are today's defaults (those the run predates
+    count as their defaults; precision and seed are not compared)."""
+    def same(key: str) -> bool:
+        value, default = params.get(key, DEFAULTS[key]), DEFAULTS[key]
+        if isinstance(default, tuple):
+            return list(value) == list(default)
+        return value == default
+
+    return all(same(key) for key in DEFAULTS if key not in AT_ANY_VALUE)
+
+
 def add_hyperparameter_args(parser: argparse.ArgumentParser | Any) -> None:
     """A flag per hyperparameter (--batch-size for batch_size), its type, default
     and help from HYPERPARAMETERS: switches (bool, or None for the device's
@@ -216,8 +231,9 @@ def checkpoint_path(out_dir: str | os.PathLike, run_name: str, task: str,
 
 
 def fold_tag(folds: Sequence[int]) -> str:
-    """fold_3, or fold_0-1-2 for folds trained together."""
-    return "fold_" + "-".join(map(str, folds))
+    """fold_3, or folds_0-1-2-3-4 for folds trained together."""
+    return (f"fold_{folds[0]}" if len(folds) == 1
+            else f"folds_{'-'.join(map(str, folds))}")
 
 
 # --- what a run covers and has done -----------------------------------------------

@@ -82,7 +82,7 @@ def test_result_paths():
     assert preds_path("out", "r", "matbench_glass") == Path(
         "out/model_preds/r/matbench_glass.json.gz")
     assert checkpoint_path("out", "r", "matbench_glass", [0, 1], 1) == Path(
-        "out/checkpoints/r/matbench_glass-fold_0-1-ensemble_1.pt")
+        "out/checkpoints/r/matbench_glass-folds_0-1-ensemble_1.pt")
     assert checkpoint_path("out", "r", "matbench_glass", [2], 1).name == (
         "matbench_glass-fold_2.pt")
 
@@ -95,3 +95,15 @@ def test_model_task_checks():
         check_model_task("roost", "matbench_steels")
     with pytest.raises(UserError, match="unknown task"):
         check_model_task("roostformer", "matbench_nope")
+
+
+def test_at_defaults_tells_current_runs_from_history():
+    from mat_bench.runs import at_defaults
+
+    params = {**DEFAULTS, "amp": True, "seed": 3,
+              "embedding_aggregations": list(DEFAULTS["embedding_aggregations"])}
+    assert at_defaults(params)
+    del params["gate"]  # a run that predates a hyperparameter had its default
+    assert at_defaults(params)
+    assert not at_defaults({**params, "epochs": 30})
+    assert not at_defaults({**params, "d_model": 32})
