@@ -61,6 +61,7 @@ from mat_bench.runs import (
     default_run_name,
     fold_tag,
     preds_path,
+    recorded_params,
     scores_path,
 )
 
@@ -177,8 +178,8 @@ def save_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
 
 def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
     """Load a saved state into `state` if `path` exists and was made by the same
-    model, hyperparameters and members (a hyperparameter added since the checkpoint
-    was made counts as its default)."""
+    model, hyperparameters and members (for a hyperparameter added since the
+    checkpoint was made: what it did then, runs.BEFORE_IT_EXISTED)."""
     import torch
 
     try:
@@ -187,10 +188,8 @@ def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None
     except Exception as exc:
         raise UserError(f"checkpoint {path} is unreadable ({type(exc).__name__}): "
                         "delete it to start over") from exc
-    saved_params = saved.get("params", {})
-    if isinstance(saved_params, dict):  # hyperparameters added since: at defaults
-        saved["params"] = {**{key: DEFAULTS[key] for key in DEFAULTS
-                              if key not in saved_params}, **saved_params}
+    if isinstance(saved.get("params"), dict):  # complete with those added since
+        saved["params"] = recorded_params(saved["params"])
     if any(saved.get(key) != value for key, value in meta.items()):
         raise UserError(f"checkpoint {path} was made with other hyperparameters or "
                         "members: delete it or use another --run-name")

@@ -48,10 +48,11 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
     "robust": (False, "aviary's robust L1 loss with a learned uncertainty"),
     "gate": (False, "regression tasks (others ignore it): the prediction times the "
                     "sigmoid of a second output, as CrabNet's, so it can be exactly 0"),
-    "frac_jitter": (0.0, "training augmentation: fractions x (1 + jitter x N(0, 1)), "
-                         "renormalized, as CrabNet's"),
-    "ensemble_aggregation": ("mean", "a fold's prediction from its --ensemble "
-                                     "members: mean or median"),
+    "frac_jitter": (0.02, "training augmentation: fractions x (1 + jitter x N(0, 1)), "
+                          "renormalized, as CrabNet's (chosen on validation: README)"),
+    "ensemble_aggregation": ("median", "a fold's prediction from its --ensemble "
+                                       "members: mean or median (chosen on "
+                                       "validation: README)"),
     "val_threshold": (False, "classification tasks (others ignore it): labels at the "
                              "threshold with the best balanced accuracy on the "
                              "validation split instead of 0.5"),
@@ -66,14 +67,26 @@ DEFAULTS: dict[str, Any] = {key: default
 CHOICES = {"ensemble_aggregation": ("mean", "median")}
 
 
+# what runs and checkpoints made before a hyperparameter existed did, in its terms
+BEFORE_IT_EXISTED: dict[str, Any] = {"gate": False, "frac_jitter": 0.0,
+                                     "ensemble_aggregation": "mean",
+                                     "val_threshold": False}
 AT_ANY_VALUE = ("amp", "seed")  # hyperparameters that do not set a run's recipe
 
 
+def recorded_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A run's or checkpoint's recorded hyperparameters, completed with what it did
+    for those added since (BEFORE_IT_EXISTED, else today's default)."""
+    return {**DEFAULTS, **BEFORE_IT_EXISTED, **params}
+
+
 def at_defaults(params: dict[str, Any]) -> bool:
-    """Whether a run's recorded params are today's defaults (those the run predates
-    count as their defaults; precision and seed are not compared)."""
+    """Whether a run's recorded params are today's defaults (precision and seed are
+    not compared)."""
+    params = recorded_params(params)
+
     def same(key: str) -> bool:
-        value, default = params.get(key, DEFAULTS[key]), DEFAULTS[key]
+        value, default = params[key], DEFAULTS[key]
         if isinstance(default, tuple):
             return list(value) == list(default)
         return value == default

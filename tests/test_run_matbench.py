@@ -184,7 +184,7 @@ def test_sigterm_checkpoints_and_rerun_resumes(featurized, tmp_path):
            "matbench_steels", "--fold", "2", "--epochs", "60", "--run-name", "term",
            "--out-dir", str(tmp_path), "--checkpoint", "local", "--no-progress",
            "--d-model", "32", "--n-heads", "2", "--n-attn-layers", "1",
-           "--batch-size", "8"]
+           "--batch-size", "8", "--frac-jitter", "0"]
     ckpt = tmp_path / "checkpoints" / "term" / "matbench_steels-fold_2.pt"
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -195,12 +195,16 @@ def test_sigterm_checkpoints_and_rerun_resumes(featurized, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "stopped by SIGTERM" in err
     assert not (tmp_path / "model_scores" / "term.json").exists()
-    # as if saved before --gate and --frac-jitter existed: still resumes (defaults)
+    # as if saved before --gate and --frac-jitter existed (no gate, no jitter): it
+    # resumes with those off, and refuses today's default jitter
     import torch
 
     saved = torch.load(ckpt, weights_only=False)
     del saved["params"]["gate"], saved["params"]["frac_jitter"]
     torch.save(saved, ckpt)
+    refused = subprocess.run(cmd[:-2], cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode == 2 and "other hyperparameters" in refused.stderr
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "resuming matbench_steels fold_2 from epoch" in proc.stdout

@@ -103,7 +103,17 @@ def test_at_defaults_tells_current_runs_from_history():
     params = {**DEFAULTS, "amp": True, "seed": 3,
               "embedding_aggregations": list(DEFAULTS["embedding_aggregations"])}
     assert at_defaults(params)
-    del params["gate"]  # a run that predates a hyperparameter had its default
+    del params["gate"]  # a run before --gate existed had none: today's default
     assert at_defaults(params)
     assert not at_defaults({**params, "epochs": 30})
     assert not at_defaults({**params, "d_model": 32})
+
+
+def test_runs_before_a_hyperparameter_existed_did_without_it():
+    from mat_bench.runs import BEFORE_IT_EXISTED, at_defaults, recorded_params
+
+    old = {key: DEFAULTS[key] for key in DEFAULTS if key not in BEFORE_IT_EXISTED}
+    assert recorded_params(old)["frac_jitter"] == 0.0
+    assert recorded_params(old)["ensemble_aggregation"] == "mean"
+    assert not at_defaults(old)  # trained without today's jitter: history
+    assert set(BEFORE_IT_EXISTED) <= set(DEFAULTS)

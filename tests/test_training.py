@@ -16,6 +16,7 @@ from sklearn.metrics import balanced_accuracy_score
 import mat_bench.training as training
 
 CPU = torch.device("cpu")
+EXACT = {"frac_jitter": 0.0}  # no random augmentation: runs compared number for number
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 N_ROWS = 100  # materials in each fixture
 TINY = {"d_model": 32, "n_attn_heads": 2, "n_attn_layers": 1}
@@ -149,7 +150,7 @@ def test_filler_sequences_change_no_prediction(monkeypatch):
     """Padding Wrenformer steps with filler sequences leaves predictions alone."""
     data = task_data("wrenformer")
     members = members_of(N_ROWS, 2)
-    cfg = training.TrainConfig("regression", 1, batch_size=32)
+    cfg = training.TrainConfig("regression", 1, batch_size=32, **EXACT)
     state = training.new_train_state("wrenformer", data, members, cfg, n_attn_layers=1)
     test = [np.arange(N_ROWS)] * 2
     padded = training.predict(state, data, test, cfg)
@@ -163,7 +164,7 @@ def test_members_never_see_each_others_data(model):
     """Change one member's batch: every other member's gradients stay the same."""
     data = task_data(model)
     members = members_of(N_ROWS, 3)
-    cfg = training.TrainConfig("regression", 1, batch_size=16)
+    cfg = training.TrainConfig("regression", 1, batch_size=16, **EXACT)
     state = training.new_train_state(model, data, members, cfg, **TINY)
     net = state.model
 
@@ -189,7 +190,7 @@ def test_stacked_member_matches_a_solo_run():
     the same predictions within fp32 rounding."""
     data = task_data("roostformer")
     members = members_of(N_ROWS, 3)
-    cfg = training.TrainConfig("regression", 3, batch_size=32)
+    cfg = training.TrainConfig("regression", 3, batch_size=32, **EXACT)
     stacked = training.new_train_state("roostformer", data, members, cfg,
                                        frac_encoding_dims=16, **TINY)
     training.train(stacked, data, cfg, progress=False)
@@ -226,7 +227,8 @@ def test_graph_step_bookkeeping_matches_eager(monkeypatch):
     members = members_of(N_ROWS, 2)
     logs, preds = {}, {}
     for graphs in (False, True):
-        cfg = training.TrainConfig("regression", 3, batch_size=32, cuda_graphs=graphs)
+        cfg = training.TrainConfig("regression", 3, batch_size=32,
+                                  cuda_graphs=graphs, **EXACT)
         state = training.new_train_state("roostformer", data, members, cfg,
                                          frac_encoding_dims=16, **TINY)
         logs[graphs] = []
@@ -253,7 +255,7 @@ def test_bf16_copy_follows_autocast_and_resumes():
     like the state that was saved."""
     data = task_data("wrenformer")
     members = members_of(N_ROWS, 2)
-    cfg = training.TrainConfig("regression", 3, batch_size=32, amp=True)
+    cfg = training.TrainConfig("regression", 3, batch_size=32, amp=True, **EXACT)
     state = training.new_train_state("wrenformer", data, members, cfg, n_attn_layers=2)
     bf16 = state.bf16
     assert bf16 is not None and state.optimizer.param_groups[0]["params"] == [
