@@ -50,6 +50,7 @@ from mat_bench.data import (
     read_json_results,
 )
 from mat_bench.runs import (
+    AUTO_AGGREGATION,
     DEFAULTS,
     build_run_parser,
     check_args,
@@ -459,6 +460,8 @@ def run_matbench(
     # chosen here, never on the test fold
     metric = TASK_INFO[task].metric
     targets = rows.target.to_numpy()
+    aggregation = (AUTO_AGGREGATION[task_type] if params["ensemble_aggregation"]
+                   == "auto" else params["ensemble_aggregation"])
     validation: dict[int, dict[str, Any]] = {}
     if params["val_fraction"]:
         val_preds = predict(state, data, [m.val_idx for m in members], cfg)
@@ -467,7 +470,7 @@ def run_matbench(
             validation[fold] = fold_validation(
                 np.stack([val_preds[m] for m in idx]),
                 targets[members[idx[0]].val_idx], task_type,
-                params["ensemble_aggregation"],
+                aggregation,
                 params["val_threshold"] and task_type == "classification")
 
     # 7. predict each fold's test set and write its results
@@ -484,7 +487,7 @@ def run_matbench(
         val = validation.get(fold, {})
         entry, preds_entry = fold_results(
             fold, [members[m] for m in idx], [member_preds[m] for m in idx], test_df,
-            test_ok[fold], rows, task_type, params["ensemble_aggregation"],
+            test_ok[fold], rows, task_type, aggregation,
             val.get("threshold"))
         for member, val_score in zip(entry.get("members", []),
                                      val.pop("val_members", []), strict=True):
@@ -492,6 +495,7 @@ def run_matbench(
         entry.update(val)
         n_samples = state.epoch * sum(len(m.fit_idx) for m in members)
         entry.update({
+            "aggregation": aggregation,  # of the members' predictions
             "n_train": len(members[idx[0]].fit_idx),
             "n_val": len(members[idx[0]].val_idx), "n_test": len(test_df),
             "n_test_unlabelled": int((~test_ok[fold]).sum()), "epochs": state.epoch,

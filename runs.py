@@ -50,9 +50,11 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
                     "sigmoid of a second output, as CrabNet's, so it can be exactly 0"),
     "frac_jitter": (0.02, "training augmentation: fractions x (1 + jitter x N(0, 1)), "
                           "renormalized, as CrabNet's (chosen on validation: README)"),
-    "ensemble_aggregation": ("median", "a fold's prediction from its --ensemble "
-                                       "members: mean or median (chosen on "
-                                       "validation: README)"),
+    "ensemble_aggregation": ("auto", "a fold's prediction from its --ensemble "
+                                     "members: mean, median, or auto: the median "
+                                     "for regression, the mean probability for "
+                                     "classification (chosen on validation: "
+                                     "README)"),
     "val_threshold": (False, "classification tasks (others ignore it): labels at the "
                              "threshold with the best balanced accuracy on the "
                              "validation split instead of 0.5"),
@@ -64,7 +66,8 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
 }
 DEFAULTS: dict[str, Any] = {key: default
                              for key, (default, _) in HYPERPARAMETERS.items()}
-CHOICES = {"ensemble_aggregation": ("mean", "median")}
+CHOICES = {"ensemble_aggregation": ("auto", "mean", "median")}
+AUTO_AGGREGATION = {"regression": "median", "classification": "mean"}
 
 
 # what runs and checkpoints made before a hyperparameter existed did, in its terms
@@ -157,8 +160,8 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
     if not (math.isfinite(params["frac_jitter"]) and 0 <= params["frac_jitter"] < 0.5):
         raise UserError("--frac-jitter must be in [0, 0.5), got "
                         f"{params['frac_jitter']}")
-    if params["ensemble_aggregation"] not in ("mean", "median"):
-        raise UserError("--ensemble-aggregation must be mean or median, got "
+    if params["ensemble_aggregation"] not in CHOICES["ensemble_aggregation"]:
+        raise UserError("--ensemble-aggregation must be auto, mean or median, got "
                         f"{params['ensemble_aggregation']!r}")
     if params["val_threshold"] and not params["val_fraction"]:
         raise UserError("--val-threshold needs a validation split: set --val-fraction "

@@ -149,8 +149,9 @@ def test_checkpoint_predicts_again(featurized, tmp_path, amp):
 
 
 def test_stacked_folds_and_ensembles_write_each_fold(featurized, tmp_path):
-    """--folds F.. --ensemble E: each fold's prediction is its members' mean, with
-    their spread; its scores hold the ensemble's metrics and each member's."""
+    """--folds F.. --ensemble E: each fold's prediction aggregates its members'
+    (auto: their median for regression, their mean probability for classification),
+    with their spread; its scores hold the ensemble's metrics and each member's."""
     featurized("matbench_steels", "matbench_expt_is_metal")
     code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--folds",
                      "1", "4", "--ensemble", "3", "--epochs", "2", "--out-dir",
@@ -161,6 +162,7 @@ def test_stacked_folds_and_ensembles_write_each_fold(featurized, tmp_path):
         entry, preds = check_fold_files(tmp_path, "ens", "matbench_steels", fold, "mae",
                                         n_test)
         assert entry["ensemble"] == 3 and entry["params"]["stacked_members"] == 6
+        assert entry["aggregation"] == "median"
         assert [m["seed"] for m in entry["members"]] == [0, 1, 2]
         assert all(math.isfinite(m["mae"]) and math.isfinite(m["val"])
                    for m in entry["members"])
@@ -176,6 +178,7 @@ def test_stacked_folds_and_ensembles_write_each_fold(featurized, tmp_path):
     assert preds["prediction"] == [int(p > 0.5) for p in preds["probability"]]
     assert len(preds["probability_std"]) == len(preds["probability"])
     assert len(entry["members"]) == 2 and "rocauc" in entry["members"][0]
+    assert entry["aggregation"] == "mean"
 
 
 def test_sigterm_checkpoints_and_rerun_resumes(featurized, tmp_path):
@@ -510,6 +513,7 @@ def test_run_records_threshold_and_ensemble_validation(featurized, tmp_path):
     assert entry["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(
         preds["target"], preds["prediction"]))
     assert set(entry["val_by_aggregation"]) == {"mean", "median"}
+    assert entry["aggregation"] == "mean"  # auto: the mean probability
     assert entry["val_rocauc"] == entry["val"]["rocauc"]
     assert all("val" in member for member in entry["members"])
     assert entry["params"]["val_threshold"] and entry["params"]["frac_jitter"] == 0.02
