@@ -226,6 +226,12 @@ def _matbench_splits() -> dict[str, Any]:
 
 
 # --- result files -----------------------------------------------------------------
+def scores_file(scores_dir: str | os.PathLike, run: str) -> Path:
+    """Where a run's scores live: SCORES_DIR/RUN.json, every task and fold in one
+    small file."""
+    return Path(scores_dir) / f"{run}.json"
+
+
 def preds_file(preds_dir: str | os.PathLike, run: str, task: str) -> Path:
     """Where a run's test predictions on a task live: PREDS_DIR/RUN/TASK.json.gz,
     one gzipped file per task, so that the large tasks' megabytes of predictions

@@ -33,6 +33,7 @@ from mat_bench.data import (
     open_maybe_gzip,
     read_json_results,
     read_run_preds,
+    scores_file,
 )
 
 # --- defaults, in one place -------------------------------------------------------
@@ -227,7 +228,7 @@ def read_run(run: str, scores_dir: str | os.PathLike,
              preds_dir: str | os.PathLike) -> Results:
     """One of our runs: the folds listed in model_scores/<run>.json with their
     predictions from model_preds/<run>/ (UserError where those are missing)."""
-    scores_path = Path(scores_dir) / f"{run}.json"
+    scores_path = scores_file(scores_dir, run)
     preds_path = Path(preds_dir) / run
     scores = read_json_results(scores_path)
     if not scores:

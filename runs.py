@@ -25,6 +25,7 @@ from mat_bench.data import (
     check_task,
     preds_file,
     read_json_results,
+    scores_file,
 )
 
 MODELS = ("roostformer", "wrenformer")
@@ -229,7 +230,7 @@ def default_run_name(model: str) -> str:
 # --- where a run's results live ----------------------------------------------------
 def scores_path(out_dir: str | os.PathLike, run_name: str) -> Path:
     """The run's merged scores file: OUT_DIR/model_scores/RUN.json."""
-    return Path(out_dir) / "model_scores" / f"{run_name}.json"
+    return scores_file(Path(out_dir) / "model_scores", run_name)
 
 
 def preds_path(out_dir: str | os.PathLike, run_name: str, task: str) -> Path:
