@@ -50,7 +50,7 @@ CASES = {
     "wrenformer-phonons": ("wrenformer", "matbench_phonons"),
 }
 MODEL = {"d_model": DEFAULTS["d_model"], "n_attn_layers": DEFAULTS["n_attn_layers"],
-         "n_attn_heads": DEFAULTS["n_heads"]}
+         "n_attn_heads": DEFAULTS["n_attn_heads"]}
 LEARNING_RATE = DEFAULTS["learning_rate"]  # (the speed does not depend on it)
 EPOCHS = 3  # the first is the warm-up
 BATCH_SIZES = (32,)

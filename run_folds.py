@@ -11,7 +11,7 @@ Examples:
     python run_folds.py --model wrenformer --run-name wrenformer \
         --tasks matbench_phonons --parallel 4 --device cuda   # 4 folds at once on a GPU
     python run_folds.py --model roostformer --run-name search --tasks matbench_steels \
-        --folds 0 --grid frac_encoding=0,64 learning_rate=5e-4,1e-3   # validation table
+        --folds 0 --grid frac_encoding_dims=0,64 learning_rate=5e-4,1e-3  # validation
     python run_folds.py --model roostformer --run-name roostformer --per-task \
         --tasks matbench_log_gvrh matbench_log_kvrh --checkpoint local  # folds stacked
 

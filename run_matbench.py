@@ -8,7 +8,7 @@ Examples:
     python run_matbench.py --model wrenformer --task matbench_phonons --fold 3 \
         --epochs 300 --run-name wrenformer-phonons --wandb offline
     python run_matbench.py --model roostformer --task matbench_steels --fold 0 \
-        --frac-encoding 0 --device cuda --checkpoint local
+        --frac-encoding-dims 0 --device cuda --checkpoint local
 
 Each test fold's predictions go to OUT_DIR/model_preds/RUN/TASK.json.gz and its
 scores to OUT_DIR/model_scores/RUN.json, merged under a file lock so that many jobs
@@ -52,6 +52,8 @@ from mat_bench.data import (
 from mat_bench.runs import (
     AUTO_AGGREGATION,
     DEFAULTS,
+    MODEL_KEYS,
+    RENAMED,
     build_run_parser,
     check_args,
     check_device,
@@ -312,6 +314,7 @@ def run_matbench(
     Hyperparameters not given take runs.DEFAULTS."""
     # 1. arguments, before anything is loaded or written
     folds = [folds] if isinstance(folds, int) else list(folds)
+    hyperparams = {RENAMED.get(key, key): value for key, value in hyperparams.items()}
     unknown = set(hyperparams) - set(DEFAULTS)
     if unknown:
         raise UserError(f"unknown hyperparameters: {sorted(unknown)}")
@@ -380,12 +383,8 @@ def run_matbench(
     if cfg.amp and dev.type == "cpu" and not cpu_has_fast_bf16():
         print("warning: this CPU has no native bf16 (AVX-512 or ARM bf16), so --amp "
               "will train slower than fp32: drop --amp", file=sys.stderr, flush=True)
-    state = new_train_state(
-        model, data, members, cfg, frac_encoding_dims=params["frac_encoding"],
-        d_model=params["d_model"], n_attn_layers=params["n_attn_layers"],
-        n_attn_heads=params["n_heads"], dropout=params["dropout"],
-        embedding_aggregations=params["embedding_aggregations"],
-    )
+    state = new_train_state(model, data, members, cfg,
+                            **{key: params[key] for key in MODEL_KEYS})
     torch.manual_seed(params["seed"])  # dropout
     ckpt_path = checkpoint_path(out_dir, run_name, task, folds, ensemble)
     ckpt_meta = {"model": model, "task": task, "params": params,

@@ -41,11 +41,11 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
                           "decay"),
     "n_attn_layers": (3, "transformer encoder layers"),
     "d_model": (128, "width of the transformer"),
-    "n_heads": (4, "attention heads"),
+    "n_attn_heads": (4, "attention heads"),
     "dropout": (0.0, "dropout in the encoder"),
     "embedding_aggregations": (("mean",), "pooling of the transformer output over a "
                                           "material's tokens: mean std sum min max"),
-    "frac_encoding": (64, "dims of the sinusoidal fraction encoding, 0 = off"),
+    "frac_encoding_dims": (64, "dims of the sinusoidal fraction encoding, 0 = off"),
     "robust": (False, "aviary's robust L1 loss with a learned uncertainty"),
     "gate": (False, "regression tasks (others ignore it): the prediction times the "
                     "sigmoid of a second output, as CrabNet's, so it can be exactly 0"),
@@ -71,6 +71,12 @@ CHOICES = {"ensemble_aggregation": ("auto", "mean", "median")}
 AUTO_AGGREGATION = {"regression": "median", "classification": "mean"}
 
 
+# the model's own hyperparameters (aviary's Wrenformer and MatbenchTransformer take
+# them under these names)
+MODEL_KEYS = ("d_model", "n_attn_layers", "n_attn_heads", "dropout",
+              "embedding_aggregations", "frac_encoding_dims")
+# earlier names -> today's: old results, checkpoints, flags and calls still read
+RENAMED = {"n_heads": "n_attn_heads", "frac_encoding": "frac_encoding_dims"}
 # what runs and checkpoints made before a hyperparameter existed did, in its terms
 BEFORE_IT_EXISTED: dict[str, Any] = {"gate": False, "frac_jitter": 0.0,
                                      "ensemble_aggregation": "mean",
@@ -81,6 +87,7 @@ AT_ANY_VALUE = ("amp", "seed")  # hyperparameters that do not set a run's recipe
 def recorded_params(params: dict[str, Any]) -> dict[str, Any]:
     """A run's or checkpoint's recorded hyperparameters, completed with what it did
     for those added since (BEFORE_IT_EXISTED, else today's default)."""
+    params = {RENAMED.get(key, key): value for key, value in params.items()}
     return {**DEFAULTS, **BEFORE_IT_EXISTED, **params}
 
 
@@ -99,19 +106,22 @@ def at_defaults(params: dict[str, Any]) -> bool:
 
 
 def add_hyperparameter_args(parser: argparse.ArgumentParser | Any) -> None:
-    """A flag per hyperparameter (--batch-size for batch_size), its type, default
-    and help from HYPERPARAMETERS: switches (bool, or None for the device's
-    choice) take --x/--no-x, tuples take one or more values."""
+    """A flag per hyperparameter (--batch-size for batch_size, and the earlier name
+    of a renamed one as an alias), its type, default and help from HYPERPARAMETERS:
+    switches (bool, or None for the device's choice) take --x/--no-x, tuples take
+    one or more values."""
+    old_names = {new: old for old, new in RENAMED.items()}
     for key, (default, help_text) in HYPERPARAMETERS.items():
-        flag = f"--{key.replace('_', '-')}"
+        flags = [f"--{name.replace('_', '-')}" for name in (key, old_names.get(key))
+                 if name]
         if default is None or isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
         elif isinstance(default, tuple):
-            parser.add_argument(flag, nargs="+", default=list(default),
+            parser.add_argument(*flags, nargs="+", default=list(default),
                                 choices=CHOICES.get(key), help=help_text)
         else:
-            parser.add_argument(flag, type=type(default), default=default,
+            parser.add_argument(*flags, type=type(default), default=default,
                                 choices=CHOICES.get(key), help=help_text)
 
 
@@ -134,13 +144,13 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
     """Raise UserError for any bad argument, before anything is loaded or written."""
     check_model_task(model, task)
     check_fold(fold)
-    for key in ("epochs", "batch_size", "n_attn_layers", "d_model", "n_heads"):
+    for key in ("epochs", "batch_size", "n_attn_layers", "d_model", "n_attn_heads"):
         if params[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, "
                             f"got {params[key]}")
-    if params["d_model"] % params["n_heads"]:
+    if params["d_model"] % params["n_attn_heads"]:
         raise UserError(f"--d-model {params['d_model']} must be divisible by "
-                        f"--n-heads {params['n_heads']}")
+                        f"--n-attn-heads {params['n_attn_heads']}")
     if not 0 <= params["val_fraction"] < 0.5:
         raise UserError("--val-fraction must be in [0, 0.5)")
     ranges = {  # flag: (lowest, highest, highest included), all finite
@@ -167,8 +177,8 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
     if params["val_threshold"] and not params["val_fraction"]:
         raise UserError("--val-threshold needs a validation split: set --val-fraction "
                         "above 0")
-    if params["frac_encoding"] < 0 or params["frac_encoding"] % 4:
-        raise UserError("--frac-encoding must be 0 or a positive multiple of 4")
+    if params["frac_encoding_dims"] < 0 or params["frac_encoding_dims"] % 4:
+        raise UserError("--frac-encoding-dims must be 0 or a positive multiple of 4")
     bad_aggs = set(params["embedding_aggregations"]) - {"mean", "std", "sum", "min",
                                                          "max"}
     if bad_aggs or not params["embedding_aggregations"]:

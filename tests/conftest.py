@@ -79,7 +79,8 @@ def real_run(tmp_path_factory, featurized) -> Path:
                 for fold in range(5):
                     run_matbench("roostformer", task, fold, epochs=epochs,
                                  run_name=REAL_RUN, out_dir=out, device="cpu",
-                                 progress=False, d_model=32, n_heads=2, n_attn_layers=1)
+                                 progress=False, d_model=32, n_attn_heads=2,
+                                 n_attn_layers=1)
         finally:
             torch.set_num_threads(threads)
     return out

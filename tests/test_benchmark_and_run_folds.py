@@ -32,17 +32,17 @@ def test_run_folds_skips_recorded_folds_and_grid_shows_validation(featurized, tm
     featurized("matbench_steels")
     argv = ["--model", "roostformer", "--run-name", "grid",
             "--tasks", "matbench_steels", "--folds", "0", "1",
-            "--out-dir", str(tmp_path), "--grid", "frac_encoding=0,64", *TINY]
+            "--out-dir", str(tmp_path), "--grid", "frac_encoding_dims=0,64", *TINY]
     assert folds_main(argv) == 0
     out = capsys.readouterr().out
     assert ("4 jobs" in out and "val_mae" in out
             and "test" not in out.split("val_mae")[1])
     for enc in (0, 64):
         scores = read_json_results(tmp_path / "model_scores"
-                                   / f"grid-frac_encoding={enc}.json")
+                                   / f"grid-frac_encoding_dims={enc}.json")
         folds = scores["matbench_steels"]
         assert set(folds) == {"fold_0", "fold_1"}
-        assert all(f["params"]["frac_encoding"] == enc for f in folds.values())
+        assert all(f["params"]["frac_encoding_dims"] == enc for f in folds.values())
     assert folds_main(argv) == 0  # everything recorded: nothing to run again
     assert "0 jobs" in capsys.readouterr().out
 

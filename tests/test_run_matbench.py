@@ -34,7 +34,7 @@ from mat_bench.run_matbench import (
 from mat_bench.run_matbench import main as run_main
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = {"d_model": 32, "n_heads": 2, "n_attn_layers": 1}  # fast model for plumbing
+TINY = {"d_model": 32, "n_attn_heads": 2, "n_attn_layers": 1}  # fast, for plumbing
 
 
 # --- training and result files ------------------------------------------------------
@@ -156,7 +156,7 @@ def test_stacked_folds_and_ensembles_write_each_fold(featurized, tmp_path):
     code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--folds",
                      "1", "4", "--ensemble", "3", "--epochs", "2", "--out-dir",
                      str(tmp_path), "--run-name", "ens", "--no-progress", "--d-model",
-                     "32", "--n-heads", "2", "--n-attn-layers", "1"])
+                     "32", "--n-attn-heads", "2", "--n-attn-layers", "1"])
     assert code == 0
     for fold, n_test in ((1, 63), (4, 62)):
         entry, preds = check_fold_files(tmp_path, "ens", "matbench_steels", fold, "mae",
@@ -186,7 +186,7 @@ def test_sigterm_checkpoints_and_rerun_resumes(featurized, tmp_path):
     cmd = [sys.executable, "run_matbench.py", "--model", "roostformer", "--task",
            "matbench_steels", "--fold", "2", "--epochs", "60", "--run-name", "term",
            "--out-dir", str(tmp_path), "--checkpoint", "local", "--no-progress",
-           "--d-model", "32", "--n-heads", "2", "--n-attn-layers", "1",
+           "--d-model", "32", "--n-attn-heads", "2", "--n-attn-layers", "1",
            "--batch-size", "8", "--frac-jitter", "0"]
     ckpt = tmp_path / "checkpoints" / "term" / "matbench_steels-fold_2.pt"
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
@@ -250,7 +250,7 @@ def test_wandb_offline_logs_locally(featurized, tmp_path, monkeypatch):
         (["--model", "roostformer", "--task", "matbench_steels", "--fold", "0",
           "--epochs", "0"], "--epochs must be at least 1"),
         (["--model", "roostformer", "--task", "matbench_steels", "--fold", "0",
-          "--d-model", "30", "--n-heads", "4"], "divisible"),
+          "--d-model", "30", "--n-attn-heads", "4"], "divisible"),
         (["--model", "roostformer", "--task", "matbench_steels", "--folds", "0", "2",
           "0"], "repeats a fold"),
         (["--model", "roostformer", "--task", "matbench_steels", "--folds", "0", "7"],
@@ -498,7 +498,7 @@ def test_run_records_threshold_and_ensemble_validation(featurized, tmp_path):
     featurized("matbench_glass")
     code = run_main(["--model", "roostformer", "--task", "matbench_glass", "--fold",
                      "1", "--ensemble", "2", "--epochs", "1", "--d-model", "16",
-                     "--n-heads", "2", "--n-attn-layers", "1", "--val-threshold",
+                     "--n-attn-heads", "2", "--n-attn-layers", "1", "--val-threshold",
                      "--frac-jitter", "0.02", "--out-dir", str(tmp_path), "--run-name",
                      "t", "--no-progress"])
     assert code == 0

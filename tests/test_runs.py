@@ -117,3 +117,15 @@ def test_runs_before_a_hyperparameter_existed_did_without_it():
     assert recorded_params(old)["ensemble_aggregation"] == "mean"
     assert not at_defaults(old)  # trained without today's jitter: history
     assert set(BEFORE_IT_EXISTED) <= set(DEFAULTS)
+
+
+def test_renamed_hyperparameters_keep_their_old_names_working():
+    from mat_bench.runs import RENAMED, recorded_params
+
+    parser = build_run_parser()
+    args = vars(parser.parse_args(["--model", "roostformer", "--task", "t", "--fold",
+                                   "0", "--n-heads", "2", "--frac-encoding", "8"]))
+    assert args["n_attn_heads"] == 2 and args["frac_encoding_dims"] == 8
+    old = recorded_params({"n_heads": 2, "frac_encoding": 8})
+    assert old["n_attn_heads"] == 2 and old["frac_encoding_dims"] == 8
+    assert not set(RENAMED) & set(old)

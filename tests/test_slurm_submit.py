@@ -28,7 +28,7 @@ from mat_bench.slurm_submit import main
 REPO = Path(__file__).resolve().parent.parent
 SUBMIT = [sys.executable, str(REPO / "slurm_submit.py")]
 TASKS = ("matbench_steels", "matbench_jdft2d")  # the two smallest tasks
-TINY = ["--d-model", "32", "--n-heads", "2", "--n-attn-layers", "1"]
+TINY = ["--d-model", "32", "--n-attn-heads", "2", "--n-attn-layers", "1"]
 
 
 def script_pairs(script: str) -> list[tuple[str, int]]:
@@ -113,7 +113,7 @@ def test_model_task_selection(monkeypatch, tmp_path):
     (["--tasks", "matbench_glass"], "featurize_matbench.py --tasks matbench_glass"),
     (["--task", "matbench_steels"], "use --tasks"),
     (["--epochz", "3"], "run_matbench.py does not take --epochz"),
-    (["--d-model", "30"], "must be divisible by --n-heads"),
+    (["--d-model", "30"], "must be divisible by --n-attn-heads"),
     (["--requeue", "--checkpoint", "none"], "--requeue resumes from checkpoints"),
     (["--run-name", "a/b"], "--run-name 'a/b'"),
     (["--gpus-per-node", "one"], "--gpus-per-node takes a count"),
