@@ -172,7 +172,7 @@ def fold_values(run: Results, task: str, fold: int, test_ids: list[str]) -> list
                         f"samples of {task} fold_{fold}: rerun that fold with "
                         "run_matbench.py")
     if TASK_INFO[task].task_type == "classification" and column == "prediction":
-        return [bool(v > 0.5) for v in values]
+        return [bool(v) for v in labels]
     return [float(v) for v in values]
 
 

@@ -227,15 +227,16 @@ def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
     metric = METRICS[task_type]
     ensemble = aggregate(val_preds, aggregation)
     out: dict[str, Any] = {}
+    at_default = score(targets, ensemble, task_type)  # labels at CLASS_THRESHOLD
+    out["val"] = at_default
     if task_type == "classification":
         out["threshold"] = (best_threshold(targets, ensemble) if val_threshold
                             else CLASS_THRESHOLD)
         out["val_balanced_accuracy_crossfit"] = crossfit_balanced_accuracy(
             targets, ensemble)
-        out["val_balanced_accuracy_default"] = score(
-            targets, ensemble, task_type)["balanced_accuracy"]  # at CLASS_THRESHOLD
-    out["val"] = score(targets, ensemble, task_type, out.get("threshold",
-                                                              CLASS_THRESHOLD))
+        out["val_balanced_accuracy_default"] = at_default["balanced_accuracy"]
+        if out["threshold"] != CLASS_THRESHOLD:
+            out["val"] = score(targets, ensemble, task_type, out["threshold"])
     out[f"val_{metric}"] = out["val"][metric]
     if len(val_preds) > 1:
         out["val_by_aggregation"] = {

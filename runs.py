@@ -62,8 +62,7 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
     "val_fraction": (0.1, "share of each training fold held out for validation"),
     "seed": (0, "seed of the first member; member k of a fold has seed + k"),
     "amp": (None, "bf16 compute with fp32 master weights: autocast on CUDA, a bf16 "
-                  "copy of the model on a CPU (default None: on for CUDA, off for "
-                  "CPU)"),
+                  "copy of the model on a CPU (None: on for CUDA, off for CPU)"),
 }
 DEFAULTS: dict[str, Any] = {key: default
                              for key, (default, _) in HYPERPARAMETERS.items()}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from run_files import write_run
 
 from mat_bench.data import preds_file, read_json_results, read_run_preds, write_json
 from mat_bench.leaderboard import (
@@ -48,23 +49,15 @@ def copy_run(src: Path, dest: Path, drop: dict[str, list[str]] | None = None,
              drop_preds_task: str | None = None) -> Path:
     """A copy of a real run, without some folds (a partial run) or without one
     task's predictions."""
-    for sub in ("model_scores", "model_preds"):
-        data = (read_json_results(src / sub / f"{RUN}.json") if sub == "model_scores"
-                else read_run_preds(src / sub, RUN))
+    scores = read_json_results(src / "model_scores" / f"{RUN}.json")
+    preds = read_run_preds(src / "model_preds", RUN)
+    for data in (scores, preds):
         for task, folds in (drop or {}).items():
             for fold in folds:
                 data[task].pop(fold)
-        if sub == "model_preds" and drop_preds_task:
-            data.pop(drop_preds_task)
-        (dest / sub).mkdir(parents=True, exist_ok=True)
-        if sub == "model_scores":
-            (dest / sub / f"{RUN}.json").write_text(json.dumps(data))
-        else:
-            for task, folds in data.items():
-                path = preds_file(dest / sub, RUN, task)
-                path.parent.mkdir(exist_ok=True)
-                write_json(path, {task: folds})
-    return dest
+    if drop_preds_task:
+        preds.pop(drop_preds_task)
+    return write_run(dest, RUN, scores, preds)
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,10 @@ Matbench's info.json fields and the source; incomplete tasks reported; errors.""
 
 import gzip
 import json
-import shutil
 from pathlib import Path
 
 import pytest
+from run_files import write_run
 
 from mat_bench.data import preds_file, read_json_results, read_run_preds, write_json
 from mat_bench.leaderboard import load_runs, score_results
@@ -26,14 +26,7 @@ def partial_copy(src: Path, dest: Path, task: str, keep: int) -> Path:
         data[task] = {k: v for k, v in data[task].items() if int(k[-1]) < keep}
         if not data[task]:
             data.pop(task)
-    (dest / "model_scores").mkdir(parents=True, exist_ok=True)
-    (dest / "model_scores" / f"{RUN}.json").write_text(json.dumps(scores))
-    shutil.rmtree(dest / "model_preds" / RUN, ignore_errors=True)
-    for name, folds in preds.items():
-        path = preds_file(dest / "model_preds", RUN, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {name: folds})
-    return dest
+    return write_run(dest, RUN, scores, preds)
 
 
 def run_cli(argv, capsys):
