@@ -288,7 +288,28 @@ def read_json_results(path: str | os.PathLike) -> dict[str, Any]:
                 f"{path} is not a results file (its {task!r} should map fold_0 .. "
                 "fold_4 to entries): refusing to touch it, repair or move it"
             )
+        if task in TASK_INFO and TASK_INFO[task].task_type == "classification":
+            for entry in folds.values():
+                upgrade_legacy_rocauc(entry)
     return data
+
+
+def upgrade_legacy_rocauc(entry: dict[str, Any]) -> None:
+    """Rename, in place, a classification fold's scores as written before
+    2026-11-28, when `rocauc` was the ROC-AUC of the probabilities: that is
+    `rocauc_prob` now, and `rocauc` is the ROC-AUC of the labels, Matbench's, which
+    those versions recorded as `balanced_accuracy` (the same number) where they
+    recorded it at all. Entries written since, and predictions entries, are left
+    as they are."""
+    for scores in (entry, entry.get("val"), *entry.get("members", [])):
+        if not isinstance(scores, dict) or "rocauc" not in scores or (
+                "rocauc_prob" in scores or "mbid" in scores):
+            continue
+        scores["rocauc_prob"] = scores.pop("rocauc")
+        if "balanced_accuracy" in scores:
+            scores["rocauc"] = scores.pop("balanced_accuracy")
+    if "val_rocauc" in entry and "val_rocauc_prob" not in entry:
+        entry["val_rocauc_prob"] = entry.pop("val_rocauc")
 
 
 def update_json_results(

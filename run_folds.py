@@ -89,17 +89,18 @@ def run_job(cmd: list[str], log_path: Path) -> int:
 
 VALIDATION_COLUMNS = {  # validation metrics of a fold's scores entry, by task type
     "regression": ("val_mae",),
-    "classification": ("val_rocauc", "val_balanced_accuracy_default",
+    "classification": ("val_rocauc_prob", "val_balanced_accuracy_default",
                        "val_balanced_accuracy_crossfit"),
 }
 
 
 def validation_table(out_dir: Path, run_names: Sequence[str]) -> pd.DataFrame:
     """Mean validation metrics per run and task over its folds (never the test
-    fold's scores): the ensemble's metric (`val_mae` or `val_rocauc`; with the
-    median of the members in `val_median`), and for classification the labels'
-    balanced accuracy (Matbench's ROC-AUC of labels) at 0.5 and at a threshold
-    chosen on the validation split (cross-fitted)."""
+    fold's scores): the ensemble's metric (`val_mae` or `val_rocauc_prob`, the
+    probabilities' ROC-AUC; with the median of the members in `val_median`), and
+    for classification the labels' balanced accuracy (Matbench's ROC-AUC of
+    labels) at 0.5 and at a threshold chosen on the validation split
+    (cross-fitted)."""
     rows = []
     for name in run_names:
         for task, folds in read_json_results(scores_path(out_dir, name)).items():

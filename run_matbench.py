@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mat_bench import CLASS_THRESHOLD, METRICS, ROOT, TASK_INFO
+from mat_bench import CLASS_THRESHOLD, ROOT, TASK_INFO, VAL_METRICS
 from mat_bench.data import (
     UserError,
     atomic_path,
@@ -213,18 +213,20 @@ def aggregate(preds: np.ndarray, how: str) -> np.ndarray:
 def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
                     aggregation: str, val_threshold: bool) -> dict[str, Any]:
     """A fold's validation record from its members' (members, materials)
-    predictions on their shared validation split: the ensemble's metrics
-    (`val_<metric>`, `val`), each aggregation's (`val_by_aggregation`) and, for
-    classification, the label threshold (chosen here with --val-threshold), the
-    labels' balanced accuracy at CLASS_THRESHOLD and the cross-fitted balanced
-    accuracy that choosing the threshold buys."""
+    predictions on their shared validation split: the ensemble's metrics (`val`,
+    with the label threshold for classification), the metric runs are compared by
+    (`val_mae` or `val_rocauc_prob`: VAL_METRICS) for the ensemble, for each
+    aggregation of the members (`val_by_aggregation`) and for each member, and for
+    classification the label threshold (chosen here with --val-threshold), the
+    labels' balanced accuracy (Matbench's ROC-AUC of labels) at CLASS_THRESHOLD and
+    the cross-fitted balanced accuracy that choosing the threshold buys."""
     from mat_bench.training import (
         best_threshold,
         crossfit_balanced_accuracy,
         score,
     )
 
-    metric = METRICS[task_type]
+    metric = VAL_METRICS[task_type]
     ensemble = aggregate(val_preds, aggregation)
     out: dict[str, Any] = {}
     at_default = score(targets, ensemble, task_type)  # labels at CLASS_THRESHOLD
@@ -234,7 +236,7 @@ def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
                             else CLASS_THRESHOLD)
         out["val_balanced_accuracy_crossfit"] = crossfit_balanced_accuracy(
             targets, ensemble)
-        out["val_balanced_accuracy_default"] = at_default["balanced_accuracy"]
+        out["val_balanced_accuracy_default"] = at_default["rocauc"]
         if out["threshold"] != CLASS_THRESHOLD:
             out["val"] = score(targets, ensemble, task_type, out["threshold"])
     out[f"val_{metric}"] = out["val"][metric]
@@ -517,7 +519,8 @@ def run_matbench(
         wandb_run.summary.update({f"test_{k}_fold_{fold}": entry[k]
                                   for fold, entry in entries.items()
                                   for k in ("mae", "rmse", "r2", "rocauc",
-                                            "accuracy", "f1") if k in entry})
+                                            "rocauc_prob", "accuracy", "f1")
+                                  if k in entry})
         wandb_run.finish()
     return entries
 

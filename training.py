@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from mat_bench import CLASS_THRESHOLD, METRICS
+from mat_bench import CLASS_THRESHOLD, VAL_METRICS
 from mat_bench.runs import DEFAULTS
 
 ELEM_DIM, WYCKOFF_DIM = 200, 444  # matscholar200 and bra-alg-off embedding sizes
@@ -699,20 +699,14 @@ def autocast(device: torch.device, enabled: bool, cache: bool = True
 def score(targets: np.ndarray, preds: np.ndarray, task_type: str,
           threshold: float = CLASS_THRESHOLD) -> dict[str, float]:
     """Matbench's metrics: MAE, RMSE, R^2 (regression) or, from class-1
-    probabilities, their ROC-AUC and the accuracy, F1 and balanced accuracy of the
-    labels at `threshold` (classification). Matbench scores the labels, whose ROC-AUC
-    is their balanced accuracy."""
-    from sklearn.metrics import (
-        accuracy_score,
-        balanced_accuracy_score,
-        f1_score,
-        r2_score,
-        roc_auc_score,
-    )
+    probabilities, as matbench scores the labels (probability > `threshold`): their
+    ROC-AUC `rocauc` (for labels, their balanced accuracy), accuracy and F1, plus the
+    ROC-AUC of the probabilities themselves, `rocauc_prob` (classification)."""
+    from sklearn.metrics import accuracy_score, f1_score, r2_score, roc_auc_score
 
     if not np.isfinite(preds).all():  # diverged: no metric means anything
         names = ("mae", "rmse", "r2") if task_type == "regression" else (
-            "rocauc", "accuracy", "f1", "balanced_accuracy")
+            "rocauc", "rocauc_prob", "accuracy", "f1")
         return dict.fromkeys(names, math.nan)
     if task_type == "regression":
         err = preds - targets
@@ -720,10 +714,10 @@ def score(targets: np.ndarray, preds: np.ndarray, task_type: str,
                 "rmse": float(np.sqrt((err**2).mean())),
                 "r2": float(r2_score(targets, preds))}
     labels = preds > threshold
-    return {"rocauc": float(roc_auc_score(targets, preds)),
+    return {"rocauc": float(roc_auc_score(targets, labels)),
+            "rocauc_prob": float(roc_auc_score(targets, preds)),
             "accuracy": float(accuracy_score(targets, labels)),
-            "f1": float(f1_score(targets, labels)),
-            "balanced_accuracy": float(balanced_accuracy_score(targets, labels))}
+            "f1": float(f1_score(targets, labels))}
 
 
 def best_threshold(targets: np.ndarray, probs: np.ndarray) -> float:
@@ -942,7 +936,7 @@ def train(state: TrainState, data: TaskData, cfg: TrainConfig, *,
     score, and each member's validation score under `val_<metric>_members`."""
     members, optimizer, scheduler = state.members, state.optimizer, state.scheduler
     rngs = [np.random.default_rng(m.seed + state.epoch) for m in members]
-    metric = METRICS[cfg.task_type]
+    metric = VAL_METRICS[cfg.task_type]
     pbar = tqdm(range(state.epoch, cfg.epochs), initial=state.epoch, total=cfg.epochs,
                 desc="epochs", disable=not progress, mininterval=1, dynamic_ncols=True)
     bf16 = state.bf16  # bf16 on a CPU: a bf16 copy is faster than autocast

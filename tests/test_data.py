@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +165,51 @@ def test_predictions_are_gzipped_per_task_and_old_run_files_still_read(tmp_path)
     path.write_bytes(first[:20])  # a truncated gzip file is refused, not overwritten
     with pytest.raises(UserError, match="not valid JSON"):
         read_run_preds(preds_dir, "r")
+
+
+def test_scores_from_before_rocauc_meant_the_labels_are_read_renamed(tmp_path):
+    """Until 2026-11-28 a classification fold's `rocauc` was the ROC-AUC of the
+    probabilities; read, it is `rocauc_prob`, and `rocauc` is Matbench's (of the
+    labels), where the old entry had it as `balanced_accuracy`."""
+    old = {"rocauc": 0.95, "balanced_accuracy": 0.9, "val_rocauc": 0.96,
+           "val": {"rocauc": 0.96, "balanced_accuracy": 0.91},
+           "members": [{"seed": 0, "rocauc": 0.94}], "accuracy": 0.92}
+    new = {"rocauc": 0.9, "rocauc_prob": 0.95, "val_rocauc_prob": 0.96}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"matbench_glass": {"fold_0": old, "fold_1": new},
+                                "matbench_steels": {"fold_0": {"mae": 1.0}}}))
+    data = read_json_results(path)
+    fold = data["matbench_glass"]["fold_0"]
+    assert fold["rocauc"] == 0.9 and fold["rocauc_prob"] == 0.95
+    assert "balanced_accuracy" not in fold and fold["val_rocauc_prob"] == 0.96
+    assert fold["val"] == {"rocauc": 0.91, "rocauc_prob": 0.96}
+    assert fold["members"] == [{"seed": 0, "rocauc_prob": 0.94}]
+    assert data["matbench_glass"]["fold_1"] == new  # written since: as it is
+    assert data["matbench_steels"]["fold_0"] == {"mae": 1.0}
+
+
+def test_committed_classification_scores_are_matbenchs():
+    """Every committed classification fold records `rocauc` as Matbench scores the
+    recorded labels, and `rocauc_prob` from the recorded probabilities."""
+    from sklearn.metrics import roc_auc_score
+
+    from mat_bench import ROOT, TASK_INFO
+    from mat_bench.data import scores_file
+
+    checked = 0
+    for path in sorted((Path(ROOT) / "model_scores").glob("*.json")):
+        run = path.stem
+        scores = json.loads(path.read_text())  # as written, not as upgraded
+        preds = read_run_preds(Path(ROOT) / "model_preds", run)
+        assert scores == read_json_results(scores_file(path.parent, run))
+        for task, folds in scores.items():
+            if TASK_INFO[task].task_type != "classification":
+                continue
+            for key, entry in folds.items():
+                fold = preds[task][key]
+                assert entry["rocauc"] == pytest.approx(
+                    roc_auc_score(fold["target"], fold["prediction"]), abs=1e-12)
+                assert entry["rocauc_prob"] == pytest.approx(
+                    roc_auc_score(fold["target"], fold["probability"]), abs=1e-12)
+                checked += 1
+    assert checked >= 15

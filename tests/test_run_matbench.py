@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import balanced_accuracy_score
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 import mat_bench.training as training
 from mat_bench import DATA_PATHS
@@ -177,7 +177,8 @@ def test_stacked_folds_and_ensembles_write_each_fold(featurized, tmp_path):
                                     "rocauc", entries[2]["n_test"])
     assert preds["prediction"] == [int(p > 0.5) for p in preds["probability"]]
     assert len(preds["probability_std"]) == len(preds["probability"])
-    assert len(entry["members"]) == 2 and "rocauc" in entry["members"][0]
+    assert len(entry["members"]) == 2
+    assert {"rocauc", "rocauc_prob"} <= set(entry["members"][0])
     assert entry["aggregation"] == "mean"
 
 
@@ -447,8 +448,11 @@ def test_fold_validation_scores_the_ensemble_and_picks_the_threshold():
     assert out["threshold"] == training.best_threshold(targets, ensemble)
     assert out["val_balanced_accuracy_default"] == balanced_accuracy_score(
         targets, ensemble > 0.5)
-    assert out["val"]["balanced_accuracy"] >= out["val_balanced_accuracy_default"]
-    assert out["val_rocauc"] == out["val"]["rocauc"] and len(out["val_members"]) == 3
+    assert out["val"]["rocauc"] >= out["val_balanced_accuracy_default"]
+    # runs are compared on validation by the probabilities' ROC-AUC
+    assert out["val_rocauc_prob"] == out["val"]["rocauc_prob"] == roc_auc_score(
+        targets, ensemble)
+    assert out["val_members"] == [roc_auc_score(targets, m) for m in members]
     assert fold_validation(members, targets, "classification", "mean", False)[
         "threshold"] == training.CLASS_THRESHOLD
     reg = fold_validation(np.array([[1.0, 2.0], [3.0, 2.0], [8.0, 2.0]]),
@@ -510,10 +514,15 @@ def test_run_records_threshold_and_ensemble_validation(featurized, tmp_path):
                                          "matbench_glass"))["matbench_glass"]["fold_1"]
     probs = np.array(preds["probability"])
     assert preds["prediction"] == (probs > entry["threshold"]).astype(int).tolist()
-    assert entry["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(
+    # rocauc is Matbench's: of the recorded labels, so their balanced accuracy
+    assert entry["rocauc"] == pytest.approx(balanced_accuracy_score(
         preds["target"], preds["prediction"]))
+    assert entry["rocauc"] == pytest.approx(roc_auc_score(preds["target"],
+                                                          preds["prediction"]))
+    assert entry["rocauc_prob"] == pytest.approx(roc_auc_score(preds["target"],
+                                                               probs))
     assert set(entry["val_by_aggregation"]) == {"mean", "median"}
     assert entry["aggregation"] == "mean"  # auto: the mean probability
-    assert entry["val_rocauc"] == entry["val"]["rocauc"]
+    assert entry["val_rocauc_prob"] == entry["val"]["rocauc_prob"]
     assert all("val" in member for member in entry["members"])
     assert entry["params"]["val_threshold"] and entry["params"]["frac_jitter"] == 0.02

@@ -370,3 +370,12 @@ def test_best_threshold_maximizes_balanced_accuracy():
     assert balanced_accuracy_score(targets, probs > training.best_threshold(
         targets, probs)) == 1.0
     assert training.crossfit_balanced_accuracy(targets, probs) > 0.9
+
+
+def test_score_rocauc_is_matbenchs_of_the_labels():
+    targets = np.array([0, 0, 1, 1, 1])
+    probs = np.array([0.1, 0.6, 0.4, 0.7, 0.9])
+    scores = training.score(targets, probs, "classification")
+    assert scores["rocauc"] == balanced_accuracy_score(targets, probs > 0.5)
+    assert scores["rocauc_prob"] == pytest.approx(5 / 6)
+    assert training.score(targets, probs, "classification", 0.3)["rocauc"] == 0.75
