@@ -54,6 +54,7 @@ from mat_bench.runs import (
     DEFAULTS,
     MODEL_KEYS,
     RENAMED,
+    acts,
     build_run_parser,
     check_args,
     check_device,
@@ -182,7 +183,8 @@ def save_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
 def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
     """Load a saved state into `state` if `path` exists and was made by the same
     model, hyperparameters and members (for a hyperparameter added since the
-    checkpoint was made: what it did then, runs.BEFORE_IT_EXISTED)."""
+    checkpoint was made: what it did then, runs.BEFORE_IT_EXISTED; one that does
+    not act in this model and task is not compared)."""
     import torch
 
     try:
@@ -191,8 +193,13 @@ def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None
     except Exception as exc:
         raise UserError(f"checkpoint {path} is unreadable ({type(exc).__name__}): "
                         "delete it to start over") from exc
-    if isinstance(saved.get("params"), dict):  # complete with those added since
-        saved["params"] = recorded_params(saved["params"])
+    def acting(params: dict[str, Any]) -> dict[str, Any]:  # completed with those
+        return {key: value for key, value in recorded_params(params).items()  # added
+                if acts(key, meta["model"], meta["task"])}  # since, if they act
+
+    if isinstance(saved.get("params"), dict):
+        saved["params"] = acting(saved["params"])
+    meta = {**meta, "params": acting(meta["params"])}
     if any(saved.get(key) != value for key, value in meta.items()):
         raise UserError(f"checkpoint {path} was made with other hyperparameters or "
                         "members: delete it or use another --run-name")

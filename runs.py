@@ -17,7 +17,14 @@ from typing import Any
 
 import pandas as pd
 
-from mat_bench import ALL_TASKS, DATA_PATHS, N_FOLDS, ROOT, STRUCTURE_TASKS
+from mat_bench import (
+    ALL_TASKS,
+    DATA_PATHS,
+    N_FOLDS,
+    ROOT,
+    STRUCTURE_TASKS,
+    TASK_INFO,
+)
 from mat_bench.data import (
     HelpFormatter,
     UserError,
@@ -59,6 +66,10 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
     "val_threshold": (False, "classification tasks (others ignore it): labels at the "
                              "threshold with the best balanced accuracy on the "
                              "validation split instead of 0.5"),
+    "wyckoff_features": ("raw", "wrenformer (roostformer ignores it): aviary's Wyckoff "
+                                "features as they are (raw: counts up to 192, beside "
+                                "element features of norm 1) or each divided by its "
+                                "largest value, to [0, 1] (max)"),
     "val_fraction": (0.1, "share of each training fold held out for validation"),
     "seed": (0, "seed of the first member; member k of a fold has seed + k"),
     "amp": (None, "bf16 compute with fp32 master weights: autocast on CUDA, a bf16 "
@@ -66,20 +77,22 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
 }
 DEFAULTS: dict[str, Any] = {key: default
                              for key, (default, _) in HYPERPARAMETERS.items()}
-CHOICES = {"ensemble_aggregation": ("auto", "mean", "median")}
+CHOICES = {"ensemble_aggregation": ("auto", "mean", "median"),
+           "wyckoff_features": ("raw", "max")}
 AUTO_AGGREGATION = {"regression": "median", "classification": "mean"}
 
 
 # the model's own hyperparameters (aviary's Wrenformer and MatbenchTransformer take
 # them under these names)
 MODEL_KEYS = ("d_model", "n_attn_layers", "n_attn_heads", "dropout",
-              "embedding_aggregations", "frac_encoding_dims")
+              "embedding_aggregations", "frac_encoding_dims", "wyckoff_features")
 # earlier names -> today's: old results, checkpoints, flags and calls still read
 RENAMED = {"n_heads": "n_attn_heads", "frac_encoding": "frac_encoding_dims"}
 # what runs and checkpoints made before a hyperparameter existed did, in its terms
 BEFORE_IT_EXISTED: dict[str, Any] = {"gate": False, "frac_jitter": 0.0,
                                      "ensemble_aggregation": "mean",
-                                     "val_threshold": False}
+                                     "val_threshold": False,
+                                     "wyckoff_features": "raw"}
 AT_ANY_VALUE = ("amp", "seed")  # hyperparameters that do not set a run's recipe
 
 
@@ -90,18 +103,41 @@ def recorded_params(params: dict[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **BEFORE_IT_EXISTED, **params}
 
 
-def at_defaults(params: dict[str, Any]) -> bool:
-    """Whether a run's recorded params are today's defaults (precision and seed are
-    not compared)."""
+def acts(key: str, model: str | None, task: str | None) -> bool:
+    """Whether a hyperparameter acts in a run of `model` on `task` (None: unknown,
+    so it may): the gate on regression tasks only, the threshold on classification
+    only, the Wyckoff features in Wrenformer only."""
+    task_type = TASK_INFO[task].task_type if task in TASK_INFO else None
+    if key == "gate":
+        return task_type != "classification"
+    if key == "val_threshold":
+        return task_type != "regression"
+    if key == "wyckoff_features":
+        return model != "roostformer"
+    return True
+
+
+def recipe(params: dict[str, Any], model: str | None = None,
+           task: str | None = None) -> dict[str, Any]:
+    """The hyperparameters that set a run's results (recorded_params without those
+    that do not act in it, nor precision and seed), lists as tuples: two runs or
+    checkpoints with equal recipes train the same way."""
     params = recorded_params(params)
+    model, task = params.get("model", model), params.get("task", task)
+    return {key: tuple(value) if isinstance(value, list) else value
+            for key, value in params.items()
+            if key not in AT_ANY_VALUE and acts(key, model, task)}
 
-    def same(key: str) -> bool:
-        value, default = params[key], DEFAULTS[key]
-        if isinstance(default, tuple):
-            return list(value) == list(default)
-        return value == default
 
-    return all(same(key) for key in DEFAULTS if key not in AT_ANY_VALUE)
+def at_defaults(params: dict[str, Any]) -> bool:
+    """Whether a run's recorded params (with its model and task) are today's
+    defaults, for the hyperparameters that act in it (precision and seed are not
+    compared)."""
+    ours = recipe(params)
+    defaults = recipe({**DEFAULTS, "model": params.get("model"),
+                       "task": params.get("task")})
+    return all(ours[key] == value for key, value in defaults.items()
+               if key in DEFAULTS)
 
 
 def add_hyperparameter_args(parser: argparse.ArgumentParser | Any) -> None:
@@ -173,6 +209,9 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
     if params["ensemble_aggregation"] not in CHOICES["ensemble_aggregation"]:
         raise UserError("--ensemble-aggregation must be auto, mean or median, got "
                         f"{params['ensemble_aggregation']!r}")
+    if params["wyckoff_features"] not in CHOICES["wyckoff_features"]:
+        raise UserError("--wyckoff-features must be raw or max, got "
+                        f"{params['wyckoff_features']!r}")
     if params["val_threshold"] and not params["val_fraction"]:
         raise UserError("--val-threshold needs a validation split: set --val-fraction "
                         "above 0")

@@ -65,6 +65,22 @@ def wyckoff_vocab() -> tuple[dict[tuple[str, str], int], Tensor]:
     return index, table
 
 
+WYCKOFF_FEATURES = ("raw", "max")  # how the Wyckoff table is scaled: --wyckoff-features
+
+
+def wyckoff_table(scaling: str = "raw") -> Tensor:
+    """The Wyckoff table as the model reads it: aviary's features as they are (raw:
+    counts up to 192, beside element rows of norm 1) or each feature divided by its
+    largest value over all positions, so every feature lies in [0, 1] (max)."""
+    table = wyckoff_vocab()[1]
+    if scaling == "raw":
+        return table
+    if scaling == "max":
+        return table / table.abs().amax(dim=0).clamp(min=1e-12)
+    raise ValueError(f"unknown Wyckoff feature scaling {scaling!r}: use one of "
+                     f"{WYCKOFF_FEATURES}")
+
+
 # --- tokenization -------------------------------------------------------------------
 @dataclass
 class Tokens:
@@ -206,12 +222,15 @@ class MatbenchTransformer(Wrenformer):
     them; this class gives each member aviary's initialization and model_params."""
 
     def __init__(self, *, wyckoff: bool, frac_encoding_dims: int = 0,
-                 **kwargs) -> None:
+                 wyckoff_features: str = "raw", **kwargs) -> None:
         kwargs.pop("n_features", None)  # derived below (model_params holds it)
         n_features = 1 + ELEM_DIM + (WYCKOFF_DIM if wyckoff else 0) + frac_encoding_dims
         super().__init__(n_features=n_features, **kwargs)
+        if wyckoff_features not in WYCKOFF_FEATURES:
+            raise ValueError(f"unknown Wyckoff feature scaling {wyckoff_features!r}")
         self.model_params.update(wyckoff=wyckoff,
-                                 frac_encoding_dims=frac_encoding_dims)
+                                 frac_encoding_dims=frac_encoding_dims,
+                                 wyckoff_features=wyckoff_features)
         self.frac_encoding_dims = frac_encoding_dims
 
 
@@ -264,9 +283,9 @@ class StackedTransformer(nn.Module):
             self.weights[name.replace(".", "__")] = nn.Parameter(stacked)
         # fixed embedding tables come from aviary's package, not from checkpoints
         self.register_buffer("elem_table", element_vocab()[1], persistent=False)
-        self.register_buffer("wyckoff_table", wyckoff_vocab()[1]
-                             if self.model_params["wyckoff"] else None,
-                             persistent=False)
+        self.register_buffer(
+            "wyckoff_table", wyckoff_table(self.model_params["wyckoff_features"])
+            if self.model_params["wyckoff"] else None, persistent=False)
 
     def member_state_dict(self, idx: int) -> dict[str, Tensor]:
         """Member idx's weights as a MatbenchTransformer state dict."""

@@ -199,17 +199,20 @@ def test_sigterm_checkpoints_and_rerun_resumes(featurized, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "stopped by SIGTERM" in err
     assert not (tmp_path / "model_scores" / "term.json").exists()
-    # as if saved before --gate and --frac-jitter existed (no gate, no jitter): it
-    # resumes with those off, and refuses today's default jitter
+    # as if saved before --gate, --frac-jitter and --wyckoff-features existed (no
+    # gate, no jitter, raw features): it resumes with those off, refuses today's
+    # default jitter, and compares no Wyckoff features, which Roostformer ignores
     import torch
 
     saved = torch.load(ckpt, weights_only=False)
-    del saved["params"]["gate"], saved["params"]["frac_jitter"]
+    for key in ("gate", "frac_jitter", "wyckoff_features"):
+        del saved["params"][key]
     torch.save(saved, ckpt)
     refused = subprocess.run(cmd[:-2], cwd=REPO, capture_output=True, text=True,
                              timeout=600)
     assert refused.returncode == 2 and "other hyperparameters" in refused.stderr
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*cmd, "--wyckoff-features", "max"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "resuming matbench_steels fold_2 from epoch" in proc.stdout
     scores = read_json_results(tmp_path / "model_scores" / "term.json")

@@ -379,3 +379,21 @@ def test_score_rocauc_is_matbenchs_of_the_labels():
     assert scores["rocauc"] == balanced_accuracy_score(targets, probs > 0.5)
     assert scores["rocauc_prob"] == pytest.approx(5 / 6)
     assert training.score(targets, probs, "classification", 0.3)["rocauc"] == 0.75
+
+
+def test_wyckoff_features_scaled_to_their_largest_value():
+    raw, scaled = training.wyckoff_table("raw"), training.wyckoff_table("max")
+    assert torch.equal(raw, training.wyckoff_vocab()[1]) and raw.max() == 192
+    assert scaled.min() >= 0 and scaled.max() == 1
+    used = raw.abs().amax(dim=0) > 0
+    assert torch.allclose(scaled.amax(dim=0)[used], torch.ones(int(used.sum())))
+    assert torch.allclose(scaled * raw.abs().amax(dim=0), raw)
+    torch.manual_seed(0)
+    member = training.MatbenchTransformer(
+        wyckoff=True, wyckoff_features="max", task_dict={"target": "regression"},
+        robust=False, n_targets=[1], d_model=16, n_attn_layers=1, n_attn_heads=2)
+    stacked = training.StackedTransformer([member])
+    assert torch.equal(stacked.wyckoff_table, scaled)
+    assert stacked.model_params["wyckoff_features"] == "max"
+    with pytest.raises(ValueError, match="unknown Wyckoff feature scaling"):
+        training.wyckoff_table("unit")
