@@ -134,7 +134,7 @@ def score_fold(task: str, fold_preds: pd.DataFrame) -> dict[str, float]:
         truth = target.astype(bool)
         prob = fold_preds["probability"].to_numpy(dtype=float)
         has_prob = not np.isnan(prob).any()
-        labels = pred > 0.5  # the recorded class labels (0 or 1)
+        labels = pred > CLASS_THRESHOLD  # the recorded class labels, as matbench reads
         scores = {
             "rocauc": float(roc_auc_score(truth, labels)),
             "rocauc_prob": float(roc_auc_score(truth, prob)) if has_prob else np.nan,

@@ -162,7 +162,7 @@ def fold_values(run: Results, task: str, fold: int, test_ids: list[str]) -> list
     preds = preds[preds["fold"] == fold].set_index("mbid").reindex(test_ids)
     column = "prediction"
     if TASK_INFO[task].task_type == "classification":
-        labels = preds["prediction"] > 0.5
+        labels = preds["prediction"] > CLASS_THRESHOLD  # the recorded labels (0 or 1)
         if ((preds["probability"] > CLASS_THRESHOLD) == labels).all():
             column = "probability"
     values = preds[column]

@@ -28,7 +28,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from sklearn.metrics import r2_score, roc_auc_score, roc_curve
 
-from mat_bench import ALL_TASKS, N_FOLDS, TASK_INFO
+from mat_bench import ALL_TASKS, CLASS_THRESHOLD, N_FOLDS, TASK_INFO
 from mat_bench.data import UserError, atomic_path
 from mat_bench.leaderboard import OURS, task_metric
 
@@ -247,7 +247,7 @@ def roc_figure(task: str, preds: dict[str, pd.DataFrame], ours: set[str]
         truth = frame["target"].to_numpy().astype(bool)
         prob = frame["probability"].to_numpy(float)
         has_prob = not np.isnan(prob).any()
-        labels = frame["prediction"].to_numpy(float) > 0.5  # recorded labels
+        labels = frame["prediction"].to_numpy(float) > CLASS_THRESHOLD  # recorded
         label_auc = roc_auc_score(truth, labels)
         fold_note = _fold_note(frame["fold"].nunique())
         if has_prob:
@@ -267,14 +267,13 @@ def roc_figure(task: str, preds: dict[str, pd.DataFrame], ours: set[str]
             x=[point_fpr], y=[point_tpr], mode="markers", legendgroup=name,
             showlegend=False, marker=dict(color=colors[name], size=10,
                                           line=dict(color="black", width=1)),
-            hovertemplate=f"{name}<br>threshold 0.5<br>FPR %{{x:.3f}}, "
+            hovertemplate=f"{name}<br>recorded labels<br>FPR %{{x:.3f}}, "
                           "TPR %{y:.3f}<extra></extra>"))
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance",
                              line=dict(color="grey", dash="dash")))
     fig.update_layout(
         title=dict(text=f"{short_task(task)}: ROC curve (test folds pooled)",
-                   subtitle_text="dot: predictions at probability 0.5, the labels "
-                   "matbench scores"),
+                   subtitle_text="dot: the recorded labels, which matbench scores"),
         xaxis_title="false positive rate", yaxis_title="true positive rate",
         width=850, height=780, font=FONT, template="plotly_white",
         legend=dict(yanchor="top", y=-0.12, xanchor="left", x=0))
