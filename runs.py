@@ -66,10 +66,11 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
     "val_threshold": (False, "classification tasks (others ignore it): labels at the "
                              "threshold with the best balanced accuracy on the "
                              "validation split instead of 0.5"),
-    "wyckoff_features": ("raw", "wrenformer (roostformer ignores it): aviary's Wyckoff "
+    "wyckoff_features": ("max", "wrenformer (roostformer ignores it): aviary's Wyckoff "
                                 "features as they are (raw: counts up to 192, beside "
                                 "element features of norm 1) or each divided by its "
-                                "largest value, to [0, 1] (max)"),
+                                "largest value, to [0, 1] (max; chosen on validation: "
+                                "README)"),
     "val_fraction": (0.1, "share of each training fold held out for validation"),
     "seed": (0, "seed of the first member; member k of a fold has seed + k"),
     "amp": (None, "bf16 compute with fp32 master weights: autocast on CUDA, a bf16 "

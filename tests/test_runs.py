@@ -119,27 +119,29 @@ def test_runs_before_a_hyperparameter_existed_did_without_it():
     assert set(BEFORE_IT_EXISTED) <= set(DEFAULTS)
 
 
-def test_hyperparameters_that_do_not_act_are_not_compared(monkeypatch):
+def test_hyperparameters_that_do_not_act_are_not_compared():
     """Roostformer ignores --wyckoff-features, classification --gate: a run differs
     from the defaults, or a checkpoint from a run, only where it acts."""
     from mat_bench import runs
 
+    other = "raw" if DEFAULTS["wyckoff_features"] == "max" else "max"
     roost = {**DEFAULTS, "model": "roostformer", "task": "matbench_glass"}
     wren = {**DEFAULTS, "model": "wrenformer", "task": "matbench_phonons"}
     assert runs.acts("wyckoff_features", "wrenformer", "matbench_phonons")
     assert not runs.acts("wyckoff_features", "roostformer", "matbench_phonons")
     assert not runs.acts("gate", "roostformer", "matbench_glass")
     assert not runs.acts("val_threshold", "roostformer", "matbench_steels")
-    assert runs.at_defaults({**roost, "wyckoff_features": "max", "gate": True})
-    assert not runs.at_defaults({**wren, "wyckoff_features": "max"})
-    # were the default to change, Roostformer's runs would stay current, and its
-    # runs recorded before the flag existed too
-    monkeypatch.setitem(runs.DEFAULTS, "wyckoff_features", "max")
+    assert runs.at_defaults(wren) and runs.at_defaults(roost)
+    assert runs.at_defaults({**roost, "wyckoff_features": other, "gate": True})
+    assert not runs.at_defaults({**wren, "wyckoff_features": other})
+    # runs recorded before the flag existed had raw features: Roostformer's stay
+    # current, Wrenformer's are history now that the default is max
+    assert DEFAULTS["wyckoff_features"] == "max"
     old_roost = {k: v for k, v in roost.items() if k != "wyckoff_features"}
     assert runs.at_defaults(old_roost)
     assert not runs.at_defaults({k: v for k, v in wren.items()
-                                 if k != "wyckoff_features"})  # it was raw then
-    assert runs.recipe(old_roost) == runs.recipe({**roost, "wyckoff_features": "max"})
+                                 if k != "wyckoff_features"})
+    assert runs.recipe(old_roost) == runs.recipe({**roost, "wyckoff_features": other})
 
 
 def test_wyckoff_features_choice_is_checked():
