@@ -8,7 +8,7 @@
 # benchmarks/recipe_search/. Resumable: recorded runs are skipped. From the
 # repository root, with MATBENCH_RAW_DIR set and matbench_phonons featurized:
 #   bash benchmarks/wren_search.sh [OUT_DIR]    # OUT_DIR default: results/search
-# It ran with the code of commit 2717aec (2,010 s on the 2-core CPU), whose default
+# It ran with the code of commit 2717aec (1,290 s on the 2-core CPU), whose default
 # was raw; the flags below pin the recipe, so it reproduces at later defaults.
 set -euo pipefail
 out="${1:-results/search}"
