@@ -5,7 +5,7 @@
 # MATBENCH_RAW_DIR set and the tasks featurized:
 #   bash benchmarks/same_predictions.sh OLD_COMMIT [FLAGS for today's code ...]
 # FLAGS turn off what OLD_COMMIT did not have, e.g. for f330e2b (before the recipe
-# levers): --frac-jitter 0 --ensemble-aggregation mean
+# levers): --frac-jitter 0 --ensemble-aggregation mean --wyckoff-features raw
 set -euo pipefail
 old_commit="$1"; shift
 here="$(pwd)"
@@ -16,11 +16,13 @@ ln -s "$here/data" "$scratch/old/data"
 mkdir "$scratch/pkg" && ln -s "$scratch/old" "$scratch/pkg/mat_bench"  # import it
 tiny=(--fold 0 --epochs 3 --d-model 32 --n-heads 2 --n-attn-layers 1 --device cpu
       --no-progress --seed 0)
-for task in matbench_steels matbench_expt_is_metal; do
+for pair in roostformer:matbench_steels roostformer:matbench_expt_is_metal \
+            wrenformer:matbench_phonons; do
+  model="${pair%%:*}" task="${pair#*:}"
   (cd "$scratch/old" && PYTHONPATH="$scratch/pkg" python run_matbench.py \
-     --model roostformer --task "$task" "${tiny[@]}" --out-dir "$scratch/a" \
+     --model "$model" --task "$task" "${tiny[@]}" --out-dir "$scratch/a" \
      --run-name a > /dev/null)
-  python run_matbench.py --model roostformer --task "$task" "${tiny[@]}" "$@" \
+  python run_matbench.py --model "$model" --task "$task" "${tiny[@]}" "$@" \
      --out-dir "$scratch/b" --run-name b > /dev/null
 done
 python - "$scratch" <<'PY'
