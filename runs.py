@@ -30,8 +30,10 @@ from mat_bench.data import (
     UserError,
     check_fold,
     check_task,
+    merge_fold_results,
     preds_file,
     read_json_results,
+    read_run_preds,
     scores_file,
 )
 
@@ -386,6 +388,40 @@ def done_pairs(path: str | os.PathLike, model: str) -> set[tuple[str, int]]:
                 )
             done.add((task, int(key[5:])))
     return done
+
+
+def merge_run_results(src: str | os.PathLike, dest: str | os.PathLike
+                      ) -> list[tuple[str, str, int, str]]:
+    """Merge the runs recorded under SRC (model_scores/ and model_preds/, e.g. from
+    a lent GPU machine) into DEST's, fold by fold, each under DEST's lock with an
+    atomic replace. A fold DEST already holds is kept, not overwritten; a fold SRC
+    holds without its predictions is refused. Returns (run, task, fold, "merged" or
+    "kept") for every fold of SRC."""
+    src_scores, dest_scores = Path(src) / "model_scores", Path(dest) / "model_scores"
+    plan = []  # everything is checked before anything is written
+    for path in sorted(src_scores.glob("*.json")):
+        run = path.stem
+        scores = read_json_results(path)
+        preds = read_run_preds(Path(src) / "model_preds", run)
+        model = next((entry.get("params", {}).get("model") for folds in
+                      scores.values() for entry in folds.values()), None)
+        done = done_pairs(scores_file(dest_scores, run), model) if model else set()
+        for task, folds in scores.items():
+            for key, entry in folds.items():
+                fold = int(key[5:])
+                if key not in preds.get(task, {}):
+                    raise UserError(f"{path} records {task} {key} but its predictions "
+                                    "are missing: copy model_preds/ along with it")
+                plan.append((run, task, fold, entry, preds[task][key],
+                             (task, fold) in done))
+    merged = []
+    for run, task, fold, entry, preds_entry, kept in plan:
+        if not kept:
+            merge_fold_results(preds_file(Path(dest) / "model_preds", run, task),
+                               scores_file(dest_scores, run), task,
+                               {fold: (preds_entry, entry)})
+        merged.append((run, task, fold, "kept" if kept else "merged"))
+    return merged
 
 
 # --- run_matbench.py's arguments, checked before any job starts --------------

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare what benchmarks/gpu_check.sh carries to a GPU machine that has PyTorch,
+# Prepare what benchmarks/gpu_check.sh and gpu_runs.sh carry to a GPU machine that has PyTorch,
 # numpy, pandas and scikit-learn but no network: wheels of this project's other
 # runtime imports for CPython 3.12 in .whl/, and featurized tasks in .devdata/data
 # (both git-ignored). Run from an activated venv with the project installed and
@@ -19,7 +19,6 @@ python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 # pymatgen reads bibtexparser 1.x, which PyPI has as a source archive only
 python -m pip wheel -q --no-deps -w .whl \
   "bibtexparser==$(python -c "import importlib.metadata as m; print(m.version('bibtexparser'))")"
-tasks=(matbench_steels matbench_expt_gap matbench_mp_e_form matbench_mp_gap
-  matbench_mp_is_metal)
-MATBENCH_DATA_DIR="$PWD/.devdata/data" python featurize_matbench.py --tasks "${tasks[@]}"
+# every task, for benchmarks/gpu_runs.sh (about 4.5 MB; featurized tasks are skipped)
+MATBENCH_DATA_DIR="$PWD/.devdata/data" python featurize_matbench.py
 du -sh .whl .devdata

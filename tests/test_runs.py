@@ -162,3 +162,52 @@ def test_renamed_hyperparameters_keep_their_old_names_working():
     old = recorded_params({"n_heads": 2, "frac_encoding": 8})
     assert old["n_attn_heads"] == 2 and old["frac_encoding_dims"] == 8
     assert not set(RENAMED) & set(old)
+
+
+def test_merge_run_results_adds_missing_folds_and_keeps_recorded_ones(tmp_path):
+    """A GPU machine's OUT folder merged into a clone: new folds arrive with their
+    predictions, folds the clone holds stay as they are, and a fold without
+    predictions is refused before anything is written."""
+    import subprocess
+    import sys
+
+    from run_files import write_run
+
+    from mat_bench.data import read_json_results, read_run_preds
+    from mat_bench.runs import merge_run_results
+
+    def entry(mae, model="roostformer"):
+        return {"mae": mae, "params": {"model": model}}
+
+    def preds(value):
+        return {"mbid": ["a"], "target": [1.0], "prediction": [value]}
+
+    steels, gap = "matbench_steels", "matbench_expt_gap"
+    dest = write_run(tmp_path / "dest", "r", {steels: {"fold_0": entry(1.0)}},
+                     {steels: {"fold_0": preds(1.0)}})
+    src = write_run(tmp_path / "src", "r",
+                    {steels: {"fold_0": entry(9.0), "fold_1": entry(2.0)},
+                     gap: {"fold_3": entry(0.3)}},
+                    {steels: {"fold_0": preds(9.0), "fold_1": preds(2.0)},
+                     gap: {"fold_3": preds(0.3)}})
+    assert sorted(merge_run_results(src, dest)) == [
+        ("r", gap, 3, "merged"), ("r", steels, 0, "kept"), ("r", steels, 1, "merged")]
+    scores = read_json_results(dest / "model_scores" / "r.json")
+    assert scores[steels]["fold_0"]["mae"] == 1.0  # recorded here: kept
+    assert scores[steels]["fold_1"]["mae"] == 2.0
+    assert scores[gap]["fold_3"]["mae"] == 0.3
+    assert read_run_preds(dest / "model_preds", "r")[gap]["fold_3"] == preds(0.3)
+    # a fold without predictions, or another model's run of the same name: refused,
+    # nothing written; the script says so in one line
+    write_run(src, "r", {gap: {"fold_4": entry(0.5)}}, {})
+    before = (dest / "model_scores" / "r.json").read_bytes()
+    with pytest.raises(UserError, match="predictions are missing"):
+        merge_run_results(src, dest)
+    write_run(src, "r", {gap: {"fold_4": entry(0.5, "wrenformer")}},
+              {gap: {"fold_4": preds(0.5)}})
+    proc = subprocess.run([sys.executable, "benchmarks/merge_results.py", str(src),
+                           "--into", str(dest)], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "pick another --run-name" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert (dest / "model_scores" / "r.json").read_bytes() == before

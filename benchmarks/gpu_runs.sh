@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Final runs on a lent GPU in one call, on a machine with PyTorch and CUDA but
+# without this project's other packages or network: installs the wheels in .whl/
+# and reads the featurized tasks in .devdata/data (both made by
+# benchmarks/prepare_gpu_check.sh), then runs run_folds.py with the given flags and
+# --device cuda, writing model_scores/, model_preds/ and job-logs/ under OUT.
+# Checkpoints stay on the machine. Each task is recorded as soon as its folds
+# finish, so a call cut off by its time limit loses only the task in progress.
+#   OUT=/some/folder bash benchmarks/gpu_runs.sh --model roostformer \
+#       --run-name roostformer-v2 --per-task --ensemble 5 --tasks matbench_expt_gap
+# Back here, merge them into the repository (recorded folds are kept):
+#   python benchmarks/merge_results.py FILES_AT
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:?set OUT to the folder for the results}"
+scratch=$(mktemp -d)
+site="$scratch/site"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target "$site" .whl/*.whl || exit 1
+mkdir -p "$scratch/pkg" && ln -sfn "$PWD" "$scratch/pkg/mat_bench"
+# stand-in for wandb, which aviary.core imports at module level but which these
+# runs never use (--wandb disabled, the default)
+mkdir -p "$scratch/stubs/wandb"
+echo '"""Stand-in: these runs use no W&B."""' > "$scratch/stubs/wandb/__init__.py"
+export PYTHONPATH="$scratch/pkg:$site:$scratch/stubs"
+export MATBENCH_DATA_DIR="$PWD/.devdata/data" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
+start=$(date +%s)
+python3 run_folds.py --device cuda --out-dir "$out" "$@" 2>&1 | tee "$out/run_folds.log"
+echo "wall seconds: $(( $(date +%s) - start ))" | tee -a "$out/run_folds.log"
