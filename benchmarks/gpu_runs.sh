@@ -13,17 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:?set OUT to the folder for the results}"
-scratch=$(mktemp -d)
-site="$scratch/site"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target "$site" .whl/*.whl || exit 1
-mkdir -p "$scratch/pkg" && ln -sfn "$PWD" "$scratch/pkg/mat_bench"
-# stand-in for wandb, which aviary.core imports at module level but which these
-# runs never use (--wandb disabled, the default)
-mkdir -p "$scratch/stubs/wandb"
-echo '"""Stand-in: these runs use no W&B."""' > "$scratch/stubs/wandb/__init__.py"
-export PYTHONPATH="$scratch/pkg:$site:$scratch/stubs"
-export MATBENCH_DATA_DIR="$PWD/.devdata/data" PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
 start=$(date +%s)
 python3 run_folds.py --device cuda --out-dir "$out" "$@" 2>&1 | tee "$out/run_folds.log"
