@@ -54,7 +54,7 @@ from mat_bench.runs import (
     DEFAULTS,
     MODEL_KEYS,
     RENAMED,
-    acts,
+    acting_params,
     build_run_parser,
     check_args,
     check_device,
@@ -65,7 +65,6 @@ from mat_bench.runs import (
     default_run_name,
     fold_tag,
     preds_path,
-    recorded_params,
     scores_path,
 )
 
@@ -193,13 +192,10 @@ def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None
     except Exception as exc:
         raise UserError(f"checkpoint {path} is unreadable ({type(exc).__name__}): "
                         "delete it to start over") from exc
-    def acting(params: dict[str, Any]) -> dict[str, Any]:  # completed with those
-        return {key: value for key, value in recorded_params(params).items()  # added
-                if acts(key, meta["model"], meta["task"])}  # since, if they act
-
+    model, task = meta["model"], meta["task"]
     if isinstance(saved.get("params"), dict):
-        saved["params"] = acting(saved["params"])
-    meta = {**meta, "params": acting(meta["params"])}
+        saved["params"] = acting_params(saved["params"], model, task)
+    meta = {**meta, "params": acting_params(meta["params"], model, task)}
     if any(saved.get(key) != value for key, value in meta.items()):
         raise UserError(f"checkpoint {path} was made with other hyperparameters or "
                         "members: delete it or use another --run-name")

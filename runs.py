@@ -120,16 +120,23 @@ def acts(key: str, model: str | None, task: str | None) -> bool:
     return True
 
 
-def recipe(params: dict[str, Any], model: str | None = None,
-           task: str | None = None) -> dict[str, Any]:
-    """The hyperparameters that set a run's results (recorded_params without those
-    that do not act in it, nor precision and seed), lists as tuples: two runs or
-    checkpoints with equal recipes train the same way."""
+def acting_params(params: dict[str, Any], model: str | None = None,
+                  task: str | None = None) -> dict[str, Any]:
+    """recorded_params without the hyperparameters that do not act in a run of
+    `model` on `task` (params' own model and task where it records them), lists as
+    tuples: what a checkpoint must match to be resumed."""
     params = recorded_params(params)
     model, task = params.get("model", model), params.get("task", task)
     return {key: tuple(value) if isinstance(value, list) else value
-            for key, value in params.items()
-            if key not in AT_ANY_VALUE and acts(key, model, task)}
+            for key, value in params.items() if acts(key, model, task)}
+
+
+def recipe(params: dict[str, Any], model: str | None = None,
+           task: str | None = None) -> dict[str, Any]:
+    """The hyperparameters that set a run's results: acting_params without
+    precision and seed. Two runs with equal recipes train the same way."""
+    return {key: value for key, value in acting_params(params, model, task).items()
+            if key not in AT_ANY_VALUE}
 
 
 def at_defaults(params: dict[str, Any]) -> bool:
