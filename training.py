@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from mat_bench import CLASS_THRESHOLD, VAL_METRICS
-from mat_bench.runs import DEFAULTS
+from mat_bench.runs import CHOICES, DEFAULTS
 
 ELEM_DIM, WYCKOFF_DIM = 200, 444  # matscholar200 and bra-alg-off embedding sizes
 # attention kernels scaled_dot_product_attention may pick on CUDA (SDPBackend
@@ -65,9 +65,6 @@ def wyckoff_vocab() -> tuple[dict[tuple[str, str], int], Tensor]:
     return index, table
 
 
-WYCKOFF_FEATURES = ("raw", "max")  # how the Wyckoff table is scaled: --wyckoff-features
-
-
 def wyckoff_table(scaling: str = "raw") -> Tensor:
     """The Wyckoff table as the model reads it: aviary's features as they are (raw:
     counts up to 192, beside element rows of norm 1) or each feature divided by its
@@ -78,7 +75,7 @@ def wyckoff_table(scaling: str = "raw") -> Tensor:
     if scaling == "max":
         return table / table.abs().amax(dim=0).clamp(min=1e-12)
     raise ValueError(f"unknown Wyckoff feature scaling {scaling!r}: use one of "
-                     f"{WYCKOFF_FEATURES}")
+                     f"{CHOICES['wyckoff_features']}")
 
 
 # --- tokenization -------------------------------------------------------------------
@@ -226,7 +223,7 @@ class MatbenchTransformer(Wrenformer):
         kwargs.pop("n_features", None)  # derived below (model_params holds it)
         n_features = 1 + ELEM_DIM + (WYCKOFF_DIM if wyckoff else 0) + frac_encoding_dims
         super().__init__(n_features=n_features, **kwargs)
-        if wyckoff_features not in WYCKOFF_FEATURES:
+        if wyckoff_features not in CHOICES["wyckoff_features"]:
             raise ValueError(f"unknown Wyckoff feature scaling {wyckoff_features!r}")
         self.model_params.update(wyckoff=wyckoff,
                                  frac_encoding_dims=frac_encoding_dims,
