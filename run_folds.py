@@ -90,7 +90,8 @@ def run_job(cmd: list[str], log_path: Path) -> int:
 VALIDATION_COLUMNS = {  # validation metrics of a fold's scores entry, by task type
     "regression": ("val_mae",),
     "classification": ("val_rocauc_prob", "val_balanced_accuracy_default",
-                       "val_balanced_accuracy_crossfit"),
+                       "val_balanced_accuracy_crossfit",
+                       "val_balanced_accuracy_prior"),
 }
 
 
@@ -99,8 +100,8 @@ def validation_table(out_dir: Path, run_names: Sequence[str]) -> pd.DataFrame:
     fold's scores): the ensemble's metric (`val_mae` or `val_rocauc_prob`, the
     probabilities' ROC-AUC; with the median of the members in `val_median`), and
     for classification the labels' balanced accuracy (Matbench's ROC-AUC of
-    labels) at 0.5 and at a threshold chosen on the validation split
-    (cross-fitted)."""
+    labels) at 0.5, at a threshold chosen on the validation split (cross-fitted)
+    and at the training split's share of class 1 (where recorded)."""
     rows = []
     for name in run_names:
         for task, folds in read_json_results(scores_path(out_dir, name)).items():

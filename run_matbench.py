@@ -214,15 +214,19 @@ def aggregate(preds: np.ndarray, how: str) -> np.ndarray:
 
 
 def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
-                    aggregation: str, val_threshold: bool) -> dict[str, Any]:
+                    aggregation: str, val_threshold: bool,
+                    fit_positive_rate: float | None = None) -> dict[str, Any]:
     """A fold's validation record from its members' (members, materials)
     predictions on their shared validation split: the ensemble's metrics (`val`,
     with the label threshold for classification), the metric runs are compared by
     (`val_mae` or `val_rocauc_prob`: VAL_METRICS) for the ensemble, for each
     aggregation of the members (`val_by_aggregation`) and for each member, and for
     classification the label threshold (chosen here with --val-threshold), the
-    labels' balanced accuracy (Matbench's ROC-AUC of labels) at CLASS_THRESHOLD and
-    the cross-fitted balanced accuracy that choosing the threshold buys."""
+    labels' balanced accuracy (Matbench's ROC-AUC of labels) at CLASS_THRESHOLD,
+    the cross-fitted balanced accuracy that choosing the threshold buys, and the
+    balanced accuracy at the training split's share of class 1, `fit_positive_rate`
+    (for calibrated probabilities the threshold that maximizes it, chosen by no
+    search)."""
     from mat_bench.training import (
         best_threshold,
         crossfit_balanced_accuracy,
@@ -240,6 +244,9 @@ def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
         out["val_balanced_accuracy_crossfit"] = crossfit_balanced_accuracy(
             targets, ensemble)
         out["val_balanced_accuracy_default"] = at_default["rocauc"]
+        if fit_positive_rate is not None:
+            out["val_balanced_accuracy_prior"] = score(
+                targets, ensemble, task_type, fit_positive_rate)["rocauc"]
         if out["threshold"] != CLASS_THRESHOLD:
             out["val"] = score(targets, ensemble, task_type, out["threshold"])
     out[f"val_{metric}"] = out["val"][metric]
@@ -476,7 +483,8 @@ def run_matbench(
                 np.stack([val_preds[m] for m in idx]),
                 targets[members[idx[0]].val_idx], task_type,
                 aggregation,
-                params["val_threshold"] and task_type == "classification")
+                params["val_threshold"] and task_type == "classification",
+                float(targets[members[idx[0]].fit_idx].mean()))
 
     # 7. predict each fold's test set and write its results
     position = pd.Series(np.arange(len(rows)), index=rows.index)

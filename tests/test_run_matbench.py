@@ -456,8 +456,16 @@ def test_fold_validation_scores_the_ensemble_and_picks_the_threshold():
     assert out["val_rocauc_prob"] == out["val"]["rocauc_prob"] == roc_auc_score(
         targets, ensemble)
     assert out["val_members"] == [roc_auc_score(targets, m) for m in members]
-    assert fold_validation(members, targets, "classification", "mean", False)[
-        "threshold"] == training.CLASS_THRESHOLD
+    at_mean = fold_validation(members, targets, "classification", "mean", False)
+    assert at_mean["threshold"] == training.CLASS_THRESHOLD
+    assert "val_balanced_accuracy_prior" not in at_mean  # no training share given
+    # 75% of the training split is class 1: labels above 0.75 are balanced
+    # accuracy's threshold for calibrated probabilities
+    prior = fold_validation(members, targets, "classification", "mean", False, 0.75)
+    assert prior["val_balanced_accuracy_prior"] == balanced_accuracy_score(
+        targets, members.mean(axis=0) > 0.75)
+    assert prior["val_balanced_accuracy_prior"] > prior[
+        "val_balanced_accuracy_default"]
     reg = fold_validation(np.array([[1.0, 2.0], [3.0, 2.0], [8.0, 2.0]]),
                           np.array([3.0, 2.0]), "regression", "median", False)
     assert reg["val_mae"] == 0.0 and reg["val_by_aggregation"]["mean"] == 0.5
@@ -527,5 +535,6 @@ def test_run_records_threshold_and_ensemble_validation(featurized, tmp_path):
     assert set(entry["val_by_aggregation"]) == {"mean", "median"}
     assert entry["aggregation"] == "mean"  # auto: the mean probability
     assert entry["val_rocauc_prob"] == entry["val"]["rocauc_prob"]
+    assert 0 <= entry["val_balanced_accuracy_prior"] <= 1
     assert all("val" in member for member in entry["members"])
     assert entry["params"]["val_threshold"] and entry["params"]["frac_jitter"] == 0.02
