@@ -215,13 +215,15 @@ def aggregate(preds: np.ndarray, how: str) -> np.ndarray:
 
 def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
                     aggregation: str, val_threshold: bool,
-                    fit_positive_rate: float | None = None) -> dict[str, Any]:
+                    fit_positive_rate: float | None = None,
+                    threshold: float = CLASS_THRESHOLD) -> dict[str, Any]:
     """A fold's validation record from its members' (members, materials)
     predictions on their shared validation split: the ensemble's metrics (`val`,
     with the label threshold for classification), the metric runs are compared by
     (`val_mae` or `val_rocauc_prob`: VAL_METRICS) for the ensemble, for each
     aggregation of the members (`val_by_aggregation`) and for each member, and for
-    classification the label threshold (chosen here with --val-threshold), the
+    classification the label threshold (`threshold`, unless --val-threshold
+    chooses it here), the
     labels' balanced accuracy (Matbench's ROC-AUC of labels) at CLASS_THRESHOLD,
     the cross-fitted balanced accuracy that choosing the threshold buys, and the
     balanced accuracy at the training split's share of class 1, `fit_positive_rate`
@@ -240,7 +242,7 @@ def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
     out["val"] = at_default
     if task_type == "classification":
         out["threshold"] = (best_threshold(targets, ensemble) if val_threshold
-                            else CLASS_THRESHOLD)
+                            else threshold)
         out["val_balanced_accuracy_crossfit"] = crossfit_balanced_accuracy(
             targets, ensemble)
         out["val_balanced_accuracy_default"] = at_default["rocauc"]
@@ -285,6 +287,8 @@ def fold_results(fold: int, members: Sequence[Any], member_preds: Sequence[np.nd
     ensemble = aggregate(preds, aggregation)
     scores = score(targets, ensemble, task_type, threshold)
     entry: dict[str, Any] = {**scores, "ensemble": len(members)}
+    if task_type == "classification":
+        entry["threshold"] = threshold  # of the labels
     if len(members) > 1:
         entry["members"] = [{"seed": member.seed,
                              **score(targets, pred, task_type, threshold)}
@@ -474,6 +478,10 @@ def run_matbench(
     targets = rows.target.to_numpy()
     aggregation = (AUTO_AGGREGATION[task_type] if params["ensemble_aggregation"]
                    == "auto" else params["ensemble_aggregation"])
+    fit_rows = {m.fold: m.fit_idx for m in members}  # a fold's members share them
+    labels_at = {  # each fold's label threshold unless --val-threshold chooses one
+        fold: float(targets[fit_rows[fold]].mean()) if params["prior_threshold"]
+        and task_type == "classification" else CLASS_THRESHOLD for fold in fold_ids}
     validation: dict[int, dict[str, Any]] = {}
     if params["val_fraction"]:
         val_preds = predict(state, data, [m.val_idx for m in members], cfg)
@@ -484,7 +492,7 @@ def run_matbench(
                 targets[members[idx[0]].val_idx], task_type,
                 aggregation,
                 params["val_threshold"] and task_type == "classification",
-                float(targets[members[idx[0]].fit_idx].mean()))
+                float(targets[fit_rows[fold]].mean()), labels_at[fold])
 
     # 7. predict each fold's test set and write its results
     position = pd.Series(np.arange(len(rows)), index=rows.index)
@@ -501,7 +509,7 @@ def run_matbench(
         entry, preds_entry = fold_results(
             fold, [members[m] for m in idx], [member_preds[m] for m in idx], test_df,
             test_ok[fold], rows, task_type, aggregation,
-            val.get("threshold"))
+            val.get("threshold", labels_at[fold]))
         for member, val_score in zip(entry.get("members", []),
                                      val.pop("val_members", []), strict=True):
             member["val"] = val_score

@@ -65,9 +65,15 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
                                      "for regression, the mean probability for "
                                      "classification (chosen on validation: "
                                      "README)"),
+    "prior_threshold": (True, "classification tasks (others ignore it): labels above "
+                              "the training split's share of class 1 instead of 0.5: "
+                              "for calibrated probabilities the threshold with the "
+                              "best balanced accuracy, which Matbench's ROC-AUC of "
+                              "labels is (chosen on validation: README)"),
     "val_threshold": (False, "classification tasks (others ignore it): labels at the "
                              "threshold with the best balanced accuracy on the "
-                             "validation split instead of 0.5"),
+                             "validation split instead of 0.5 (overrides "
+                             "--prior-threshold)"),
     "wyckoff_features": ("max", "wrenformer (roostformer ignores it): aviary's Wyckoff "
                                 "features as they are (raw: counts up to 192, beside "
                                 "element features of norm 1) or each divided by its "
@@ -95,7 +101,8 @@ RENAMED = {"n_heads": "n_attn_heads", "frac_encoding": "frac_encoding_dims"}
 BEFORE_IT_EXISTED: dict[str, Any] = {"gate": False, "frac_jitter": 0.0,
                                      "ensemble_aggregation": "mean",
                                      "val_threshold": False,
-                                     "wyckoff_features": "raw"}
+                                     "wyckoff_features": "raw",
+                                     "prior_threshold": False}
 AT_ANY_VALUE = ("amp", "seed")  # hyperparameters that do not set a run's recipe
 
 
@@ -108,12 +115,12 @@ def recorded_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def acts(key: str, model: str | None, task: str | None) -> bool:
     """Whether a hyperparameter acts in a run of `model` on `task` (None: unknown,
-    so it may): the gate on regression tasks only, the threshold on classification
-    only, the Wyckoff features in Wrenformer only."""
+    so it may): the gate on regression tasks only, the thresholds on
+    classification only, the Wyckoff features in Wrenformer only."""
     task_type = TASK_INFO[task].task_type if task in TASK_INFO else None
     if key == "gate":
         return task_type != "classification"
-    if key == "val_threshold":
+    if key in ("val_threshold", "prior_threshold"):
         return task_type != "regression"
     if key == "wyckoff_features":
         return model != "roostformer"

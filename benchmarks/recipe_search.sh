@@ -12,7 +12,8 @@ set -euo pipefail
 out="${1:-results/search}"
 tables=benchmarks/recipe_search
 common=(--model roostformer --run-name A --folds 0 1 --per-task --out-dir "$out"
-        --ensemble 3 --epochs 100 --amp --ensemble-aggregation mean --no-val-threshold)
+        --ensemble 3 --epochs 100 --amp --ensemble-aggregation mean --no-val-threshold
+        --no-prior-threshold)
 # the gated output x fraction jitter on expt_gap (gate=true with jitter 0.02 was
 # stopped after gate=true alone collapsed on fold 0)
 python run_folds.py "${common[@]}" --tasks matbench_expt_gap \

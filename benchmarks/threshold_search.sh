@@ -10,5 +10,6 @@ set -euo pipefail
 out="${1:-results/search}"
 python run_folds.py --model roostformer --run-name C --tasks matbench_glass \
     --folds 0 1 --per-task --out-dir "$out" --ensemble 3 --epochs 100 --amp \
-    --ensemble-aggregation mean --no-val-threshold --grid frac_jitter=0.02 \
+    --ensemble-aggregation mean --no-val-threshold --no-prior-threshold \
+    --grid frac_jitter=0.02 \
     --table benchmarks/recipe_search/stageC_glass.csv

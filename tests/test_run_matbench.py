@@ -175,7 +175,10 @@ def test_stacked_folds_and_ensembles_write_each_fold(featurized, tmp_path):
                            **TINY)
     entry, preds = check_fold_files(tmp_path, "ens", "matbench_expt_is_metal", 2,
                                     "rocauc", entries[2]["n_test"])
-    assert preds["prediction"] == [int(p > 0.5) for p in preds["probability"]]
+    # labels above the training split's share of class 1 (--prior-threshold)
+    assert entry["threshold"] != 0.5 and 0.3 < entry["threshold"] < 0.7
+    assert preds["prediction"] == [int(p > entry["threshold"])
+                                   for p in preds["probability"]]
     assert len(preds["probability_std"]) == len(preds["probability"])
     assert len(entry["members"]) == 2
     assert {"rocauc", "rocauc_prob"} <= set(entry["members"][0])
@@ -504,6 +507,26 @@ def test_lever_mistakes_say_what_to_do(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not list(tmp_path.iterdir())
+
+
+def test_labels_above_the_training_share_of_class_1(featurized, tmp_path):
+    """By default (--prior-threshold) a fold's labels are its probabilities above
+    its training split's share of class 1, with or without a validation split;
+    --no-prior-threshold keeps matbench's 0.5."""
+    featurized("matbench_glass")
+    train_ids, _ = get_fold_ids("matbench_glass", 3)
+    share = float(load_featurized("matbench_glass").loc[train_ids].target.mean())
+    entry = run_matbench("roostformer", "matbench_glass", 3, epochs=1, val_fraction=0,
+                         run_name="prior", out_dir=tmp_path, progress=False,
+                         **TINY)[3]
+    assert entry["threshold"] == pytest.approx(share) and 0.7 < share < 0.72
+    _, preds = check_fold_files(tmp_path, "prior", "matbench_glass", 3, "rocauc",
+                                entry["n_test"])
+    assert preds["prediction"] == [int(p > share) for p in preds["probability"]]
+    entry = run_matbench("roostformer", "matbench_glass", 3, epochs=1,
+                         prior_threshold=False, run_name="half", out_dir=tmp_path,
+                         progress=False, **TINY)[3]
+    assert entry["threshold"] == 0.5 and "val_balanced_accuracy_prior" in entry
 
 
 def test_run_records_threshold_and_ensemble_validation(featurized, tmp_path):
