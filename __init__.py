@@ -34,11 +34,6 @@ class TaskInfo(NamedTuple):
         """The metric Matbench ranks the task by: mae or rocauc (of the labels)."""
         return METRICS[self.task_type]
 
-    @property
-    def val_metric(self) -> str:
-        """The metric runs are compared by on validation: mae or rocauc_prob."""
-        return VAL_METRICS[self.task_type]
-
 
 TASK_INFO: dict[str, TaskInfo] = {  # smallest to largest
     "matbench_steels": TaskInfo("yield strength", "regression", "composition"),

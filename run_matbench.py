@@ -223,12 +223,11 @@ def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
     (`val_mae` or `val_rocauc_prob`: VAL_METRICS) for the ensemble, for each
     aggregation of the members (`val_by_aggregation`) and for each member, and for
     classification the label threshold (`threshold`, unless --val-threshold
-    chooses it here), the
-    labels' balanced accuracy (Matbench's ROC-AUC of labels) at CLASS_THRESHOLD,
-    the cross-fitted balanced accuracy that choosing the threshold buys, and the
-    balanced accuracy at the training split's share of class 1, `fit_positive_rate`
-    (for calibrated probabilities the threshold that maximizes it, chosen by no
-    search)."""
+    chooses it here), the labels' balanced accuracy (Matbench's ROC-AUC of labels)
+    at CLASS_THRESHOLD, the cross-fitted balanced accuracy that choosing the
+    threshold buys, and the balanced accuracy at the training split's share of
+    class 1, `fit_positive_rate` (for calibrated probabilities the threshold that
+    maximizes it, chosen by no search)."""
     from mat_bench.training import (
         best_threshold,
         crossfit_balanced_accuracy,
@@ -478,9 +477,10 @@ def run_matbench(
     targets = rows.target.to_numpy()
     aggregation = (AUTO_AGGREGATION[task_type] if params["ensemble_aggregation"]
                    == "auto" else params["ensemble_aggregation"])
-    fit_rows = {m.fold: m.fit_idx for m in members}  # a fold's members share them
+    # class 1's share of each fold's training split (its members share the split)
+    fit_share = {m.fold: float(targets[m.fit_idx].mean()) for m in members}
     labels_at = {  # each fold's label threshold unless --val-threshold chooses one
-        fold: float(targets[fit_rows[fold]].mean()) if params["prior_threshold"]
+        fold: fit_share[fold] if params["prior_threshold"]
         and task_type == "classification" else CLASS_THRESHOLD for fold in fold_ids}
     validation: dict[int, dict[str, Any]] = {}
     if params["val_fraction"]:
@@ -492,7 +492,7 @@ def run_matbench(
                 targets[members[idx[0]].val_idx], task_type,
                 aggregation,
                 params["val_threshold"] and task_type == "classification",
-                float(targets[fit_rows[fold]].mean()), labels_at[fold])
+                fit_share[fold], labels_at[fold])
 
     # 7. predict each fold's test set and write its results
     position = pd.Series(np.arange(len(rows)), index=rows.index)

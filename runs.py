@@ -411,15 +411,14 @@ def merge_run_results(src: str | os.PathLike, dest: str | os.PathLike
     atomic replace. A fold DEST already holds is kept, not overwritten; a fold SRC
     holds without its predictions is refused. Returns (run, task, fold, "merged" or
     "kept") for every fold of SRC."""
-    src_scores, dest_scores = Path(src) / "model_scores", Path(dest) / "model_scores"
     plan = []  # everything is checked before anything is written
-    for path in sorted(src_scores.glob("*.json")):
+    for path in sorted((Path(src) / "model_scores").glob("*.json")):
         run = path.stem
         scores = read_json_results(path)
         preds = read_run_preds(Path(src) / "model_preds", run)
         model = next((entry.get("params", {}).get("model") for folds in
                       scores.values() for entry in folds.values()), None)
-        done = done_pairs(scores_file(dest_scores, run), model) if model else set()
+        done = done_pairs(scores_path(dest, run), model) if model else set()
         for task, folds in scores.items():
             for key, entry in folds.items():
                 fold = int(key[5:])
@@ -431,9 +430,8 @@ def merge_run_results(src: str | os.PathLike, dest: str | os.PathLike
     merged = []
     for run, task, fold, entry, preds_entry, kept in plan:
         if not kept:
-            merge_fold_results(preds_file(Path(dest) / "model_preds", run, task),
-                               scores_file(dest_scores, run), task,
-                               {fold: (preds_entry, entry)})
+            merge_fold_results(preds_path(dest, run, task), scores_path(dest, run),
+                               task, {fold: (preds_entry, entry)})
         merged.append((run, task, fold, "kept" if kept else "merged"))
     return merged
 
