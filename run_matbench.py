@@ -28,6 +28,7 @@ import datetime
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,6 +178,19 @@ def save_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
             "norm_mean": state.norm_mean.cpu(), "norm_std": state.norm_std.cpu(),
             "epoch": state.epoch, "train_seconds": state.train_seconds,
         }, tmp)
+
+
+def check_checkpoint_space(path: Path, state: Any) -> None:
+    """UserError before training if the checkpoint's disk lacks room for one more
+    checkpoint (each is written beside the last before it replaces it)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in state.model.parameters())
+    need = 3 * weight_bytes  # the weights and AdamW's two moments
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise UserError(f"a checkpoint of this run takes {need / 1e9:.2f} GB but "
+                        f"{path.parent} has {free / 1e9:.2f} GB free: make room (the "
+                        "checkpoints of finished runs can go) or use --checkpoint none")
 
 
 def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
@@ -405,6 +419,8 @@ def run_matbench(
     ckpt_path = checkpoint_path(out_dir, run_name, task, folds, ensemble)
     ckpt_meta = {"model": model, "task": task, "params": params,
                  "members": [(m.fold, m.seed) for m in members]}
+    if checkpoint == "local":
+        check_checkpoint_space(ckpt_path, state)
     if checkpoint == "local" and ckpt_path.is_file():
         resume_from_checkpoint(ckpt_path, state, ckpt_meta)
         print(f"resuming {task} {fold_tag(folds)} from epoch {state.epoch} "
@@ -448,7 +464,18 @@ def run_matbench(
                                               if not isinstance(v, list)}})
         if checkpoint == "local" and (stop_requested or epoch % 10 == 0
                                       or epoch == cfg.epochs):
-            save_checkpoint(ckpt_path, state, ckpt_meta)
+            try:
+                save_checkpoint(ckpt_path, state, ckpt_meta)
+            except (OSError, RuntimeError) as exc:
+                # a full disk, say (torch's file writer raises RuntimeError for
+                # it); the last checkpoint stays
+                if stop_requested:
+                    raise UserError(f"stopping after epoch {epoch}, but its checkpoint "
+                                    f"could not be written ({exc}); {ckpt_path} holds "
+                                    "the last one saved, if any") from exc
+                print(f"warning: the checkpoint after epoch {epoch} could not be "
+                      f"written ({exc}); training goes on, {ckpt_path} holds the last "
+                      "one saved, if any", file=sys.stderr, flush=True)
         return bool(stop_requested)
 
     # 5. train

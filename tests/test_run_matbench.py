@@ -411,6 +411,40 @@ def test_truncated_checkpoint_says_what_to_do(featurized, tmp_path, capsys):
     assert not list(tmp_path.rglob("*.json"))
 
 
+def test_no_room_for_checkpoints_refused_before_training(featurized, tmp_path,
+                                                         monkeypatch, capsys):
+    import shutil
+
+    featurized("matbench_steels")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(
+        10**9, 10**9 - 10**5, 10**5))
+    code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--fold",
+                     "0", "--epochs", "1", "--out-dir", str(tmp_path), "--run-name",
+                     "t", "--checkpoint", "local"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "GB free" in err and "--checkpoint none" in err
+    assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.pt"))
+
+
+def test_checkpoint_write_failure_warns_and_training_goes_on(featurized, tmp_path,
+                                                             monkeypatch, capsys):
+    """A checkpoint that cannot be written (full disk) costs a warning, not the run."""
+    import mat_bench.run_matbench as run_module
+
+    def disk_full(*_args):
+        raise OSError(28, "No space left on device")
+
+    featurized("matbench_steels")
+    monkeypatch.setattr(run_module, "save_checkpoint", disk_full)
+    run_matbench("roostformer", "matbench_steels", 0, epochs=2, run_name="full",
+                 out_dir=tmp_path, checkpoint="local", progress=False, **TINY)
+    err = capsys.readouterr().err
+    assert "checkpoint after epoch 2 could not be written" in err
+    assert "No space left on device" in err
+    check_fold_files(tmp_path, "full", "matbench_steels", 0, "mae", 63)
+
+
 @pytest.mark.parametrize("checkpoint", ["local", "none"])
 def test_ctrl_c_ends_with_one_line(featurized, tmp_path, checkpoint):
     """Ctrl-C: with checkpoints the epoch finishes, a checkpoint is saved and the run
