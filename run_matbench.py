@@ -221,6 +221,69 @@ def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None
     state.epoch, state.train_seconds = saved["epoch"], saved["train_seconds"]
 
 
+def train_or_stop(state: Any, data: Any, cfg: Any, *, ckpt_path: Path | None,
+                  ckpt_meta: dict[str, Any], wandb_run: Any, progress: bool) -> None:
+    """Train `state` to cfg.epochs, logging each epoch to W&B and saving a checkpoint
+    to `ckpt_path` (None: none) every 10 epochs and at the end. Ctrl-C or SIGTERM
+    (SLURM's time limit, preemption): with checkpoints, finish the epoch, save and
+    raise Stopped; else, or if asked twice, raise Stopped at once. UserError if the
+    training loss is not finite."""
+    from mat_bench.training import train
+
+    stop_requested: list[int] = []  # the signal asking to stop after this epoch
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if ckpt_path is None or stop_requested:
+            raise Stopped(f"stopped by {signal.Signals(signum).name} during epoch "
+                          f"{state.epoch + 1}; nothing saved", 128 + signum)
+        stop_requested.append(signum)
+        print(f"{signal.Signals(signum).name}: saving a checkpoint after this epoch, "
+              "then stopping (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+
+    def on_epoch_end(epoch: int, metrics: dict[str, Any]) -> bool:
+        if not math.isfinite(metrics["train_loss"]):
+            raise UserError(f"training diverged: the training loss is "
+                            f"{metrics['train_loss']} after epoch {epoch}; try a lower "
+                            "--learning-rate")
+        if wandb_run is not None:
+            wandb_run.log({"epoch": epoch, **{k: v for k, v in metrics.items()
+                                              if not isinstance(v, list)}})
+        if ckpt_path is not None and (stop_requested or epoch % 10 == 0
+                                      or epoch == cfg.epochs):
+            try:
+                save_checkpoint(ckpt_path, state, ckpt_meta)
+            except (OSError, RuntimeError) as exc:
+                # a full disk, say (torch's file writer raises RuntimeError for
+                # it); the last checkpoint stays
+                if stop_requested:
+                    raise UserError(f"stopping after epoch {epoch}, but its checkpoint "
+                                    f"could not be written ({exc}); {ckpt_path} holds "
+                                    "the last one saved, if any") from exc
+                print(f"warning: the checkpoint after epoch {epoch} could not be "
+                      f"written ({exc}); training goes on, {ckpt_path} holds the last "
+                      "one saved, if any", file=sys.stderr, flush=True)
+        return bool(stop_requested)
+
+    handlers = {sig: signal.signal(sig, on_signal)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train(state, data, cfg, on_epoch_end=on_epoch_end, progress=progress)
+    except BaseException:
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=1)
+        raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stop_requested:
+        signum = stop_requested[0]
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=128 + signum)
+        raise Stopped(f"stopped by {signal.Signals(signum).name} after epoch "
+                      f"{state.epoch}: checkpoint saved to {ckpt_path}; rerun the "
+                      "same command to resume", 128 + signum)
+
+
 def aggregate(preds: np.ndarray, how: str) -> np.ndarray:
     """A fold's prediction from its members' (members, materials) predictions: their
     mean or median (classification: of the class-1 probabilities)."""
@@ -272,6 +335,33 @@ def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
         out["val_members"] = [score(targets, pred, task_type)[metric]
                               for pred in val_preds]
     return out
+
+
+def validate_folds(state: Any, data: Any, cfg: Any, members: Sequence[Any],
+                   targets: np.ndarray, aggregation: str, params: dict[str, Any]
+                   ) -> tuple[dict[int, float], dict[int, dict[str, Any]]]:
+    """Each fold's label threshold (classification: its training split's share of
+    class 1 with --prior-threshold, else CLASS_THRESHOLD) and the validation record
+    of its ensemble (none without a validation split), which with --val-threshold
+    chooses the threshold instead: never the test fold."""
+    from mat_bench.training import predict
+
+    folds = list(dict.fromkeys(m.fold for m in members))
+    classify = cfg.task_type == "classification"
+    # class 1's share of each fold's training split (its members share the split)
+    fit_share = {m.fold: float(targets[m.fit_idx].mean()) for m in members}
+    labels_at = {fold: fit_share[fold] if params["prior_threshold"] and classify
+                 else CLASS_THRESHOLD for fold in folds}
+    validation: dict[int, dict[str, Any]] = {}
+    if params["val_fraction"]:
+        val_preds = predict(state, data, [m.val_idx for m in members], cfg)
+        for fold in folds:
+            idx = [m for m, member in enumerate(members) if member.fold == fold]
+            validation[fold] = fold_validation(
+                np.stack([val_preds[m] for m in idx]),
+                targets[members[idx[0]].val_idx], cfg.task_type, aggregation,
+                params["val_threshold"] and classify, fit_share[fold], labels_at[fold])
+    return labels_at, validation
 
 
 def fold_results(fold: int, members: Sequence[Any], member_preds: Sequence[np.ndarray],
@@ -378,7 +468,6 @@ def run_matbench(
         new_train_state,
         predict,
         tokenize,
-        train,
     )
 
     if device is None:
@@ -426,7 +515,7 @@ def run_matbench(
         print(f"resuming {task} {fold_tag(folds)} from epoch {state.epoch} "
               f"({ckpt_path})", flush=True)
 
-    # 4. bookkeeping: run parameters, W&B, SIGTERM
+    # 4. bookkeeping: run parameters, W&B
     slurm = {var.lower(): os.environ[var] for var in SLURM_VARS if var in os.environ}
     run_params = {
         "model": model, "task": task, "folds": folds, "ensemble": ensemble,
@@ -441,87 +530,21 @@ def run_matbench(
     }
     wandb_run = setup_wandb(wandb, wandb_project, wandb_entity,
                             f"{run_name}-{task}-{fold_tag(folds)}", run_params, out_dir)
-    stop_requested: list[int] = []  # the signal asking to stop after this epoch
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        """Ctrl-C (SIGINT) or SIGTERM (SLURM's time limit, preemption): with
-        checkpoints, finish the epoch, save and stop; else, or if asked twice, stop
-        at once."""
-        if checkpoint != "local" or stop_requested:
-            raise Stopped(f"stopped by {signal.Signals(signum).name} during epoch "
-                          f"{state.epoch + 1}; nothing saved", 128 + signum)
-        stop_requested.append(signum)
-        print(f"{signal.Signals(signum).name}: saving a checkpoint after this epoch, "
-              "then stopping (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
-
-    def on_epoch_end(epoch: int, metrics: dict[str, Any]) -> bool:
-        if not math.isfinite(metrics["train_loss"]):
-            raise UserError(f"training diverged: the training loss is "
-                            f"{metrics['train_loss']} after epoch {epoch}; try a lower "
-                            "--learning-rate")
-        if wandb_run is not None:
-            wandb_run.log({"epoch": epoch, **{k: v for k, v in metrics.items()
-                                              if not isinstance(v, list)}})
-        if checkpoint == "local" and (stop_requested or epoch % 10 == 0
-                                      or epoch == cfg.epochs):
-            try:
-                save_checkpoint(ckpt_path, state, ckpt_meta)
-            except (OSError, RuntimeError) as exc:
-                # a full disk, say (torch's file writer raises RuntimeError for
-                # it); the last checkpoint stays
-                if stop_requested:
-                    raise UserError(f"stopping after epoch {epoch}, but its checkpoint "
-                                    f"could not be written ({exc}); {ckpt_path} holds "
-                                    "the last one saved, if any") from exc
-                print(f"warning: the checkpoint after epoch {epoch} could not be "
-                      f"written ({exc}); training goes on, {ckpt_path} holds the last "
-                      "one saved, if any", file=sys.stderr, flush=True)
-        return bool(stop_requested)
-
-    # 5. train
-    handlers = {sig: signal.signal(sig, on_signal)
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        train(state, data, cfg, on_epoch_end=on_epoch_end, progress=progress)
-    except BaseException:
-        if wandb_run is not None:
-            wandb_run.finish(exit_code=1)
-        raise
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    if stop_requested:
-        signum = stop_requested[0]
-        if wandb_run is not None:
-            wandb_run.finish(exit_code=128 + signum)
-        raise Stopped(f"stopped by {signal.Signals(signum).name} after epoch "
-                      f"{state.epoch}: checkpoint saved to {ckpt_path}; rerun the "
-                      "same command to resume", 128 + signum)
+    # 5. train, checkpointing every 10 epochs; Ctrl-C and SIGTERM stop cleanly
+    train_or_stop(state, data, cfg, ckpt_path=ckpt_path if checkpoint == "local"
+                  else None, ckpt_meta=ckpt_meta, wandb_run=wandb_run,
+                  progress=progress)
 
     # 6. each fold's ensemble on its validation split: the label threshold is
     # chosen here, never on the test fold
-    metric = TASK_INFO[task].metric
-    targets = rows.target.to_numpy()
     aggregation = (AUTO_AGGREGATION[task_type] if params["ensemble_aggregation"]
                    == "auto" else params["ensemble_aggregation"])
-    # class 1's share of each fold's training split (its members share the split)
-    fit_share = {m.fold: float(targets[m.fit_idx].mean()) for m in members}
-    labels_at = {  # each fold's label threshold unless --val-threshold chooses one
-        fold: fit_share[fold] if params["prior_threshold"]
-        and task_type == "classification" else CLASS_THRESHOLD for fold in fold_ids}
-    validation: dict[int, dict[str, Any]] = {}
-    if params["val_fraction"]:
-        val_preds = predict(state, data, [m.val_idx for m in members], cfg)
-        for fold in fold_ids:
-            idx = [m for m, member in enumerate(members) if member.fold == fold]
-            validation[fold] = fold_validation(
-                np.stack([val_preds[m] for m in idx]),
-                targets[members[idx[0]].val_idx], task_type,
-                aggregation,
-                params["val_threshold"] and task_type == "classification",
-                fit_share[fold], labels_at[fold])
+    labels_at, validation = validate_folds(state, data, cfg, members,
+                                           rows.target.to_numpy(), aggregation, params)
 
     # 7. predict each fold's test set and write its results
+    metric = TASK_INFO[task].metric
     position = pd.Series(np.arange(len(rows)), index=rows.index)
     test_dfs = {fold: df.loc[test_ids] for fold, (_, test_ids) in fold_ids.items()}
     test_ok = {fold: test_df[input_col].notna().to_numpy()
