@@ -185,8 +185,8 @@ def check_checkpoint_space(path: Path, state: Any) -> None:
     checkpoint (each is written beside the last before it replaces it)."""
     weight_bytes = sum(p.numel() * p.element_size() for p in state.model.parameters())
     need = 3 * weight_bytes  # the weights and AdamW's two moments
-    path.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(path.parent).free
+    # the nearest folder that exists: nothing is made before training starts
+    free = shutil.disk_usage(next(p for p in path.parents if p.exists())).free
     if free < need:
         raise UserError(f"a checkpoint of this run takes {need / 1e9:.2f} GB but "
                         f"{path.parent} has {free / 1e9:.2f} GB free: make room (the "
@@ -510,10 +510,10 @@ def run_matbench(
                  "members": [(m.fold, m.seed) for m in members]}
     if checkpoint == "local":
         check_checkpoint_space(ckpt_path, state)
-    if checkpoint == "local" and ckpt_path.is_file():
-        resume_from_checkpoint(ckpt_path, state, ckpt_meta)
-        print(f"resuming {task} {fold_tag(folds)} from epoch {state.epoch} "
-              f"({ckpt_path})", flush=True)
+        if ckpt_path.is_file():
+            resume_from_checkpoint(ckpt_path, state, ckpt_meta)
+            print(f"resuming {task} {fold_tag(folds)} from epoch {state.epoch} "
+                  f"({ckpt_path})", flush=True)
 
     # 4. bookkeeping: run parameters, W&B
     slurm = {var.lower(): os.environ[var] for var in SLURM_VARS if var in os.environ}

@@ -425,6 +425,7 @@ def test_no_room_for_checkpoints_refused_before_training(featurized, tmp_path,
     assert code == 2 and err.count("\n") == 1
     assert "GB free" in err and "--checkpoint none" in err
     assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.pt"))
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_checkpoint_write_failure_warns_and_training_goes_on(featurized, tmp_path,
