@@ -10,6 +10,8 @@ Examples:
     python benchmark_training.py --labels                 # Wyckoff labels/s on phonons
     python benchmark_training.py --cases roostformer-expt_gap --folds 0 1 2 3 4 \
         --amp                                             # 5 folds stacked vs aviary x5
+    python benchmark_training.py --impls ours --cases roostformer-expt_gap \
+        --folds 0 1 2 3 4 --ensemble 5 --amp --dim-feedforward 512  # a narrower encoder
     python benchmark_training.py --device cuda --impls ours --cuda-graphs \
         --cases roostformer-mp_e_form --folds 0 1 2 3 4 --ensemble 4 --batch-sizes 256
 
@@ -41,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from mat_bench.data import HelpFormatter
-from mat_bench.runs import DEFAULTS
+from mat_bench.runs import DEFAULTS, TORCH_FEEDFORWARD
 
 # defaults in one place: the model of runs.DEFAULTS, aviary's raw features
 CASES = {
@@ -113,7 +115,8 @@ def measure_aviary(df, model: str, batch_size: int, device: str, epochs: int
 
 def measure_ours(frames: Sequence, model: str, batch_size: int, device: str,
                  epochs: int, amp: bool | None = None, ensemble: int = 1,
-                 cuda_graphs: bool = False) -> dict[str, Any]:
+                 cuda_graphs: bool = False,
+                 dim_feedforward: int = TORCH_FEEDFORWARD) -> dict[str, Any]:
     """This project's trainer on all frames at once: one member per (frame, seed),
     stacked into one model (tokens on the device, length buckets, fused AdamW)."""
     import aviary.wren.data  # noqa: F401  imported before the clock starts, as
@@ -147,7 +150,8 @@ def measure_ours(frames: Sequence, model: str, batch_size: int, device: str,
     data.step(plan, 0)
     sync(device)
     first_batch_s = time.perf_counter() - start
-    state = new_train_state(model, data, members, cfg, **MODEL)
+    state = new_train_state(model, data, members, cfg, **MODEL,
+                            dim_feedforward=dim_feedforward)
     epoch_seconds: list[float] = []
     stamp = [time.perf_counter()]
 
@@ -164,7 +168,8 @@ def measure_ours(frames: Sequence, model: str, batch_size: int, device: str,
 
 def measure(impl: str, case: str, batch_size: int, device: str, epochs: int,
             max_train: int | None, amp: bool | None = None, folds: Sequence[int] = (0,),
-            ensemble: int = 1, cuda_graphs: bool = False) -> dict[str, Any]:
+            ensemble: int = 1, cuda_graphs: bool = False,
+            dim_feedforward: int = TORCH_FEEDFORWARD) -> dict[str, Any]:
     """One measurement in this process; returns the row of the results table.
     aviary trains one model per fold (and ensemble member) after another; ours
     trains them all at once, stacked."""
@@ -185,12 +190,13 @@ def measure(impl: str, case: str, batch_size: int, device: str, epochs: int,
         label = "aviary"
     else:
         out = measure_ours(frames, model, batch_size, device, epochs, amp=amp,
-                           ensemble=ensemble, cuda_graphs=cuda_graphs)
+                           ensemble=ensemble, cuda_graphs=cuda_graphs,
+                           dim_feedforward=dim_feedforward)
         timed = out["epoch_seconds"][1:] or out["epoch_seconds"]
         label = f"ours ({out['precision']}{', graphs' if cuda_graphs else ''})"
     row = {
         "case": case, "impl": label, "batch_size": batch_size, "device": device,
-        "folds": len(folds), "ensemble": ensemble,
+        "folds": len(folds), "ensemble": ensemble, "dim_feedforward": dim_feedforward,
         "n_train": sum(map(len, frames)), "epochs_timed": len(timed),
         "samples_per_s": round(n_samples * len(timed) / sum(timed), 1),
         "first_batch_s": round(out["first_batch_s"], 2),
@@ -205,10 +211,12 @@ def measure(impl: str, case: str, batch_size: int, device: str, epochs: int,
 def run_in_subprocess(impl: str, case: str, batch_size: int, device: str, epochs: int,
                       max_train: int | None, amp: bool | None = None,
                       folds: Sequence[int] = (0,), ensemble: int = 1,
-                      cuda_graphs: bool = False) -> dict[str, Any]:
+                      cuda_graphs: bool = False,
+                      dim_feedforward: int = TORCH_FEEDFORWARD) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", impl, "--cases", case,
            "--batch-sizes", str(batch_size), "--device", device, "--epochs",
-           str(epochs), "--folds", *map(str, folds), "--ensemble", str(ensemble)]
+           str(epochs), "--folds", *map(str, folds), "--ensemble", str(ensemble),
+           "--dim-feedforward", str(dim_feedforward)]
     if cuda_graphs:
         cmd.append("--cuda-graphs")
     if max_train:
@@ -315,14 +323,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--label-structures", type=int, default=None,
                         help="label only the first N phonons structures")
     parser.add_argument("--json-out", default=None, help="also write rows as JSON")
+    parser.add_argument("--dim-feedforward", type=int, default=TORCH_FEEDFORWARD,
+                        help="ours only: the encoder's feed-forward width")
     parser.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.dim_feedforward != TORCH_FEEDFORWARD and "aviary" in (
+            [args.one] if args.one else args.impls):
+        parser.error(f"aviary's loop trains at torch's width {TORCH_FEEDFORWARD}: "
+                     "add --impls ours to measure another --dim-feedforward")
 
     if args.one:  # a single measurement, in a fresh process, for run_in_subprocess
         print(json.dumps(measure(args.one, args.cases[0], args.batch_sizes[0],
                                  args.device, args.epochs, args.max_train,
                                  args.amp, args.folds, args.ensemble,
-                                 args.cuda_graphs)))
+                                 args.cuda_graphs, args.dim_feedforward)))
         return 0
     print(f"# {platform.node()} | {platform.processor() or platform.machine()} | "
           f"{os.cpu_count()} CPUs | device {args.device}", flush=True)
@@ -338,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         row = run_in_subprocess(
                             impl, case, batch_size, args.device, args.epochs,
                             args.max_train, args.amp, args.folds, args.ensemble,
-                            args.cuda_graphs)
+                            args.cuda_graphs, args.dim_feedforward)
                         runs[impl].append(row)
                         print(json.dumps(row), flush=True)
                 rows += summarize(runs)

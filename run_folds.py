@@ -141,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="one run per combination of hyperparameter values "
                         "(switches: key=true,false)")
     parser.add_argument("--table", default=None, metavar="CSV",
-                        help="with --grid: also write the validation table here")
+                        help="also write the validation table (mean validation "
+                        "metrics of each run and task) here")
     args, passthrough = parser.parse_known_args(argv)
     out_dir = Path(args.out_dir)
     try:
@@ -189,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{time.perf_counter() - start:.0f} s")
     for log in failed:
         print(f"failed: see {os.path.relpath(log)}", file=sys.stderr)
-    if args.grid:
+    if args.grid or args.table:
         table = validation_table(out_dir, [name for name, _ in runs])
         if len(table):
             print(table.to_string(index=False))

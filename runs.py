@@ -51,6 +51,8 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
     "n_attn_layers": (3, "transformer encoder layers"),
     "d_model": (128, "width of the transformer"),
     "n_attn_heads": (4, "attention heads"),
+    "dim_feedforward": (2048, "width of the encoder layers' feed-forward network "
+                              "(torch's and aviary's 2048)"),
     "dropout": (0.0, "dropout in the encoder"),
     "embedding_aggregations": (("mean",), "pooling of the transformer output over a "
                                           "material's tokens: mean std sum min max"),
@@ -93,12 +95,15 @@ AUTO_AGGREGATION = {"regression": "median", "classification": "mean"}
 
 # the model's own hyperparameters (aviary's Wrenformer and MatbenchTransformer take
 # them under these names)
-MODEL_KEYS = ("d_model", "n_attn_layers", "n_attn_heads", "dropout",
-              "embedding_aggregations", "frac_encoding_dims", "wyckoff_features")
+MODEL_KEYS = ("d_model", "n_attn_layers", "n_attn_heads", "dim_feedforward",
+              "dropout", "embedding_aggregations", "frac_encoding_dims",
+              "wyckoff_features")
 # earlier names -> today's: old results, checkpoints, flags and calls still read
 RENAMED = {"n_heads": "n_attn_heads", "frac_encoding": "frac_encoding_dims"}
+TORCH_FEEDFORWARD = 2048  # nn.TransformerEncoderLayer's width, which aviary keeps
 # what runs and checkpoints made before a hyperparameter existed did, in its terms
-BEFORE_IT_EXISTED: dict[str, Any] = {"gate": False, "frac_jitter": 0.0,
+BEFORE_IT_EXISTED: dict[str, Any] = {"dim_feedforward": TORCH_FEEDFORWARD,
+                                     "gate": False, "frac_jitter": 0.0,
                                      "ensemble_aggregation": "mean",
                                      "val_threshold": False,
                                      "wyckoff_features": "raw",
@@ -196,7 +201,8 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
     """Raise UserError for any bad argument, before anything is loaded or written."""
     check_model_task(model, task)
     check_fold(fold)
-    for key in ("epochs", "batch_size", "n_attn_layers", "d_model", "n_attn_heads"):
+    for key in ("epochs", "batch_size", "n_attn_layers", "d_model", "n_attn_heads",
+                "dim_feedforward"):
         if params[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, "
                             f"got {params[key]}")

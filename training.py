@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from mat_bench import CLASS_THRESHOLD, VAL_METRICS
-from mat_bench.runs import CHOICES, DEFAULTS
+from mat_bench.runs import CHOICES, DEFAULTS, TORCH_FEEDFORWARD
 
 ELEM_DIM, WYCKOFF_DIM = 200, 444  # matscholar200 and bra-alg-off embedding sizes
 # attention kernels scaled_dot_product_attention may pick on CUDA (SDPBackend
@@ -219,15 +219,28 @@ class MatbenchTransformer(Wrenformer):
     them; this class gives each member aviary's initialization and model_params."""
 
     def __init__(self, *, wyckoff: bool, frac_encoding_dims: int = 0,
-                 wyckoff_features: str = "raw", **kwargs) -> None:
+                 wyckoff_features: str = "raw",
+                 dim_feedforward: int = TORCH_FEEDFORWARD, **kwargs) -> None:
         kwargs.pop("n_features", None)  # derived below (model_params holds it)
         n_features = 1 + ELEM_DIM + (WYCKOFF_DIM if wyckoff else 0) + frac_encoding_dims
         super().__init__(n_features=n_features, **kwargs)
         if wyckoff_features not in CHOICES["wyckoff_features"]:
             raise ValueError(f"unknown Wyckoff feature scaling {wyckoff_features!r}")
+        if dim_feedforward != TORCH_FEEDFORWARD:
+            # aviary builds its encoder layers at torch's default width; rebuild them
+            # (after aviary's whole init, so the default draws the same weights)
+            layer = self.transformer_encoder.layers[0]
+            self.transformer_encoder = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(
+                    d_model=layer.linear1.in_features, nhead=layer.self_attn.num_heads,
+                    dim_feedforward=dim_feedforward, dropout=layer.dropout.p,
+                    batch_first=True, norm_first=True),
+                num_layers=len(self.transformer_encoder.layers),
+                enable_nested_tensor=False)
         self.model_params.update(wyckoff=wyckoff,
                                  frac_encoding_dims=frac_encoding_dims,
-                                 wyckoff_features=wyckoff_features)
+                                 wyckoff_features=wyckoff_features,
+                                 dim_feedforward=dim_feedforward)
         self.frac_encoding_dims = frac_encoding_dims
 
 

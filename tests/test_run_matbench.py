@@ -127,10 +127,11 @@ def test_checkpoint_predicts_again(featurized, tmp_path, amp):
     featurized("matbench_steels")
     run_matbench("roostformer", "matbench_steels", [0, 3], ensemble=2, epochs=3,
                  run_name="ck", out_dir=tmp_path, checkpoint="local", progress=False,
-                 amp=amp, **TINY)
+                 amp=amp, dim_feedforward=64, **TINY)
     saved = torch.load(tmp_path / "checkpoints" / "ck"
                        / "matbench_steels-folds_0-3-ensemble_2.pt", weights_only=False)
     assert saved["epoch"] == 3 and saved["members"] == [(0, 0), (0, 1), (3, 0), (3, 1)]
+    assert saved["model_params"]["dim_feedforward"] == 64
     model = StackedTransformer([MatbenchTransformer(**saved["model_params"])] * 4)
     model.load_state_dict(saved["model_state"])
     state = TrainState(model, [], None, None, saved["norm_mean"], saved["norm_std"])
@@ -258,6 +259,8 @@ def test_wandb_offline_logs_locally(featurized, tmp_path, monkeypatch):
           "--epochs", "0"], "--epochs must be at least 1"),
         (["--model", "roostformer", "--task", "matbench_steels", "--fold", "0",
           "--d-model", "30", "--n-attn-heads", "4"], "divisible"),
+        (["--model", "roostformer", "--task", "matbench_steels", "--fold", "0",
+          "--dim-feedforward", "0"], "--dim-feedforward must be at least 1"),
         (["--model", "roostformer", "--task", "matbench_steels", "--folds", "0", "2",
           "0"], "repeats a fold"),
         (["--model", "roostformer", "--task", "matbench_steels", "--folds", "0", "7"],

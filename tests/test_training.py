@@ -52,14 +52,18 @@ def solo_models(model: str, n_members: int, **kwargs) -> list:
     return nets
 
 
-@pytest.mark.parametrize("model", ["roostformer", "wrenformer"])
-@pytest.mark.parametrize("amp", [False, True])
-def test_stacked_model_computes_aviarys_wrenformer(model, amp):
+@pytest.mark.parametrize(("model", "amp", "dim_feedforward"), [
+    ("roostformer", False, 2048), ("roostformer", True, 2048),
+    ("wrenformer", False, 2048), ("wrenformer", True, 2048),
+    ("roostformer", False, 48), ("wrenformer", False, 48)])
+def test_stacked_model_computes_aviarys_wrenformer(model, amp, dim_feedforward):
     """Each member of a StackedTransformer computes what aviary's Wrenformer.forward
     (nn.TransformerEncoder, residual trunk and head) computes with its weights,
-    gradients included; under bf16 autocast, to bf16's precision."""
+    gradients included; under bf16 autocast, to bf16's precision; at torch's
+    feed-forward width and a narrower one."""
     data = task_data(model)
-    nets = solo_models(model, 3, frac_encoding_dims=16, n_attn_layers=2)
+    nets = solo_models(model, 3, frac_encoding_dims=16, n_attn_layers=2,
+                       dim_feedforward=dim_feedforward)
     stacked = training.StackedTransformer(nets)
     stacked.train()
     plan = data.plan([np.arange(96)] * 3, 32,  # full batches: aviary has no padding
@@ -95,6 +99,29 @@ def test_stacked_model_computes_aviarys_wrenformer(model, amp):
             assert torch.nn.functional.cosine_similarity(
                 grad_ours[m].flatten(), grad_ref.flatten(), dim=0) > (
                     0.99 if amp else 0.99999)
+
+
+def test_feed_forward_width():
+    """At torch's width (2048) a member draws aviary's own weights, so runs from
+    before --dim-feedforward existed reproduce; another width rebuilds aviary's
+    pre-norm encoder layers at that width and is recorded in model_params."""
+    kwargs = {"robust": False, "n_targets": [1], "task_dict": {"t": "regression"},
+              **TINY}
+    torch.manual_seed(0)
+    ours = training.MatbenchTransformer(wyckoff=False, **kwargs)
+    torch.manual_seed(0)
+    ref = Wrenformer(n_features=1 + training.ELEM_DIM, **kwargs)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(
+        ours.state_dict().values(), ref.state_dict().values(), strict=True))
+    narrow = training.MatbenchTransformer(wyckoff=False, dim_feedforward=48, **kwargs)
+    assert narrow.model_params["dim_feedforward"] == 48
+    assert len(narrow.transformer_encoder.layers) == TINY["n_attn_layers"]
+    for layer in narrow.transformer_encoder.layers:
+        assert layer.linear1.weight.shape == (48, TINY["d_model"])
+        assert layer.linear2.weight.shape == (TINY["d_model"], 48)
+        assert layer.norm_first and layer.self_attn.batch_first
+        assert layer.self_attn.num_heads == TINY["n_attn_heads"]
 
 
 def test_dropout_acts_only_in_training():
