@@ -3,6 +3,9 @@ run_folds.py's resumable multi-fold runs and validation-only grid search."""
 
 import json
 
+import pandas as pd
+import pytest
+
 from mat_bench.benchmark_training import main as bench_main
 from mat_bench.data import read_json_results
 from mat_bench.run_folds import main as folds_main
@@ -25,6 +28,20 @@ def test_benchmark_runs_both_loops_on_a_tiny_slice(featurized, tmp_path, capsys)
         assert row["peak_rss_mb"] > 0 and row["first_batch_s"] >= 0
     assert rows[1]["speedup_vs_aviary"] > 0
     assert "| roostformer-expt_gap | ours (fp32) |" in capsys.readouterr().out
+
+
+def test_benchmark_measures_ours_at_another_feed_forward_width(featurized, tmp_path,
+                                                               capsys):
+    featurized("matbench_expt_gap")
+    argv = ["--cases", "roostformer-expt_gap", "--max-train", "64", "--epochs", "2",
+            "--repeats", "1", "--no-amp", "--dim-feedforward", "64"]
+    with pytest.raises(SystemExit):  # aviary's loop has torch's width only
+        bench_main(argv)
+    assert "add --impls ours" in capsys.readouterr().err
+    out = tmp_path / "rows.json"
+    assert bench_main([*argv, "--impls", "ours", "--json-out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["impl"] == "ours (fp32)" and row["dim_feedforward"] == 64
 
 
 def test_run_folds_skips_recorded_folds_and_grid_shows_validation(featurized, tmp_path,
@@ -61,6 +78,15 @@ def test_run_folds_per_task_stacks_the_missing_folds(featurized, tmp_path, capsy
     assert "1 jobs" in out and "skip st matbench_steels fold 2" in out
     scores = read_json_results(tmp_path / "model_scores" / "st.json")["matbench_steels"]
     assert scores["fold_3"]["params"]["stacked_members"] == 1
+    table = tmp_path / "table.csv"  # a run's validation table, without a grid
+    assert folds_main([*argv[:-len(TINY)], "--folds", "0", "2", "3", *TINY,
+                       "--table", str(table)]) == 0
+    assert "0 jobs" in capsys.readouterr().out
+    (row,) = pd.read_csv(table).to_dict("records")
+    assert row["run"] == "st" and row["task"] == "matbench_steels"
+    assert row["folds"] == 3 and row["val_mae"] == pytest.approx(
+        sum(scores[f]["val_mae"] for f in ("fold_0", "fold_2", "fold_3")) / 3,
+        rel=1e-4)  # the table holds 5 significant digits
 
 
 def test_run_folds_checks_every_flag_before_a_job_starts(tmp_path, capsys):
