@@ -431,6 +431,35 @@ def test_no_room_for_checkpoints_refused_before_training(featurized, tmp_path,
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_second_process_on_the_same_checkpoint_refused(featurized, tmp_path, capsys):
+    """While one process trains a run's checkpoint (holds its lock), a second one
+    that would train it is refused with one line and writes nothing; once the
+    first is gone (even killed), the run goes ahead."""
+    featurized("matbench_steels")
+    argv = ["--model", "roostformer", "--task", "matbench_steels", "--fold", "0",
+            "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "twice",
+            "--checkpoint", "local", "--no-progress", "--d-model", "32",
+            "--n-attn-heads", "2", "--n-attn-layers", "1"]
+    lock = tmp_path / "checkpoints" / "twice" / "matbench_steels-fold_0.pt.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(  # another process holding the lock, as a training
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+         "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); "
+         "time.sleep(600)", str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "another process is training this run" in err
+        assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.pt"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_main(argv) == 0  # the killed holder left no lock behind
+    scores = read_json_results(tmp_path / "model_scores" / "twice.json")
+    assert list(scores["matbench_steels"]) == ["fold_0"]
+
+
 def test_checkpoint_write_failure_warns_and_training_goes_on(featurized, tmp_path,
                                                              monkeypatch, capsys):
     """A checkpoint that cannot be written (full disk) costs a warning, not the run."""
