@@ -72,6 +72,9 @@ from mat_bench.runs import (
 )
 
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+# a checkpoint every 10 epochs, but not sooner than 2 minutes after the last one this
+# process saved: on a GPU 10 epochs can take seconds, and a 25-member checkpoint is 1 GB
+CHECKPOINT_EPOCHS, CHECKPOINT_MIN_SECONDS = 10, 120.0
 
 
 class Stopped(Exception):
@@ -249,13 +252,15 @@ def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None
 def train_or_stop(state: Any, data: Any, cfg: Any, *, ckpt_path: Path | None,
                   ckpt_meta: dict[str, Any], wandb_run: Any, progress: bool) -> None:
     """Train `state` to cfg.epochs, logging each epoch to W&B and saving a checkpoint
-    to `ckpt_path` (None: none) every 10 epochs and at the end. Ctrl-C or SIGTERM
+    to `ckpt_path` (None: none) every CHECKPOINT_EPOCHS epochs (not sooner than
+    CHECKPOINT_MIN_SECONDS after the last save) and at the end. Ctrl-C or SIGTERM
     (SLURM's time limit, preemption): with checkpoints, finish the epoch, save and
     raise Stopped; else, or if asked twice, raise Stopped at once. UserError if the
     training loss is not finite."""
     from mat_bench.training import train
 
     stop_requested: list[int] = []  # the signal asking to stop after this epoch
+    last_save: list[float] = []  # when this process last saved a checkpoint
 
     def on_signal(signum: int, _frame: Any) -> None:
         if ckpt_path is None or stop_requested:
@@ -273,10 +278,12 @@ def train_or_stop(state: Any, data: Any, cfg: Any, *, ckpt_path: Path | None,
         if wandb_run is not None:
             wandb_run.log({"epoch": epoch, **{k: v for k, v in metrics.items()
                                               if not isinstance(v, list)}})
-        if ckpt_path is not None and (stop_requested or epoch % 10 == 0
-                                      or epoch == cfg.epochs):
+        due = epoch % CHECKPOINT_EPOCHS == 0 and (
+            not last_save or time.monotonic() - last_save[0] >= CHECKPOINT_MIN_SECONDS)
+        if ckpt_path is not None and (stop_requested or due or epoch == cfg.epochs):
             try:
                 save_checkpoint(ckpt_path, state, ckpt_meta)
+                last_save[:] = [time.monotonic()]
             except (OSError, RuntimeError) as exc:
                 # a full disk, say (torch's file writer raises RuntimeError for
                 # it); the last checkpoint stays
@@ -560,7 +567,8 @@ def run_matbench(
                                 f"{run_name}-{task}-{fold_tag(folds)}", run_params,
                                 out_dir)
 
-        # 5. train, checkpointing every 10 epochs; Ctrl-C and SIGTERM stop cleanly
+        # 5. train, checkpointing every 10 epochs (2 minutes at least); Ctrl-C and
+        # SIGTERM stop cleanly
         train_or_stop(state, data, cfg, ckpt_path=ckpt_path if checkpoint == "local"
                       else None, ckpt_meta=ckpt_meta, wandb_run=wandb_run,
                       progress=progress)

@@ -545,7 +545,8 @@ def build_run_parser(description: str | None = None) -> argparse.ArgumentParser:
                         "yours)")
     parser.add_argument("--checkpoint", default="none", choices=["none", "local"],
                         help="local: save OUT_DIR/checkpoints/RUN/TASK-fold_F.pt every "
-                        "10 epochs and on SIGTERM, and resume from it")
+                        "10 epochs (2 minutes at least), at the end and on SIGTERM, "
+                        "and resume from it")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar")
     return parser

@@ -460,6 +460,26 @@ def test_second_process_on_the_same_checkpoint_refused(featurized, tmp_path, cap
     assert list(scores["matbench_steels"]) == ["fold_0"]
 
 
+@pytest.mark.parametrize(("min_seconds", "saved_after"),
+                         [(0.0, [10, 20, 25]), (1e9, [10, 25])])
+def test_checkpoints_every_10_epochs_but_not_too_often(featurized, tmp_path,
+                                                       monkeypatch, min_seconds,
+                                                       saved_after):
+    """A checkpoint every 10 epochs and at the end, but not sooner than
+    CHECKPOINT_MIN_SECONDS after the last one this process saved (the first is
+    always saved): a fast GPU run does not spend its time writing checkpoints."""
+    import mat_bench.run_matbench as run_module
+
+    featurized("matbench_steels")
+    saved: list[int] = []
+    monkeypatch.setattr(run_module, "save_checkpoint",
+                        lambda _path, state, _meta: saved.append(state.epoch))
+    monkeypatch.setattr(run_module, "CHECKPOINT_MIN_SECONDS", min_seconds)
+    run_matbench("roostformer", "matbench_steels", 0, epochs=25, run_name="often",
+                 out_dir=tmp_path, checkpoint="local", progress=False, **TINY)
+    assert saved == saved_after
+
+
 def test_checkpoint_write_failure_warns_and_training_goes_on(featurized, tmp_path,
                                                              monkeypatch, capsys):
     """A checkpoint that cannot be written (full disk) costs a warning, not the run."""
