@@ -542,94 +542,90 @@ def run_matbench(
                  "members": [(m.fold, m.seed) for m in members]}
     if checkpoint == "local":
         check_checkpoint_space(ckpt_path, state)
+    # 4. bookkeeping: run parameters
+    slurm = {var.lower(): os.environ[var] for var in SLURM_VARS if var in os.environ}
+    run_params = {
+        "model": model, "task": task, "folds": folds, "ensemble": ensemble,
+        "run_name": run_name, **params,
+        "embedding_aggregations": list(params["embedding_aggregations"]),
+        "device": str(dev),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "cuda_graphs": cuda_graphs, "stacked_members": len(members),
+        "n_params": sum(p.numel() for p in state.model.parameters()) // len(members),
+        "hostname": socket.gethostname(), "platform": platform.platform(),
+        "torch_version": torch.__version__, "git_commit": git_commit(), **slurm,
+    }
+
+    # 5. resume, then train (one process per checkpoint; W&B only once it holds it),
+    # checkpointing every 10 epochs (2 minutes at least); Ctrl-C and SIGTERM stop
+    # cleanly. The results below are the same whoever writes them.
     with training_lock(ckpt_path if checkpoint == "local" else None):
         if checkpoint == "local" and ckpt_path.is_file():
             resume_from_checkpoint(ckpt_path, state, ckpt_meta)
             print(f"resuming {task} {fold_tag(folds)} from epoch {state.epoch} "
                   f"({ckpt_path})", flush=True)
-
-        # 4. bookkeeping: run parameters, W&B
-        slurm = {var.lower(): os.environ[var] for var in SLURM_VARS
-                 if var in os.environ}
-        run_params = {
-            "model": model, "task": task, "folds": folds, "ensemble": ensemble,
-            "run_name": run_name, **params,
-            "embedding_aggregations": list(params["embedding_aggregations"]),
-            "device": str(dev),
-            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-            "cuda_graphs": cuda_graphs, "stacked_members": len(members),
-            "n_params": sum(p.numel() for p in state.model.parameters())
-            // len(members),
-            "hostname": socket.gethostname(), "platform": platform.platform(),
-            "torch_version": torch.__version__, "git_commit": git_commit(), **slurm,
-        }
         wandb_run = setup_wandb(wandb, wandb_project, wandb_entity,
                                 f"{run_name}-{task}-{fold_tag(folds)}", run_params,
                                 out_dir)
-
-        # 5. train, checkpointing every 10 epochs (2 minutes at least); Ctrl-C and
-        # SIGTERM stop cleanly
         train_or_stop(state, data, cfg, ckpt_path=ckpt_path if checkpoint == "local"
                       else None, ckpt_meta=ckpt_meta, wandb_run=wandb_run,
                       progress=progress)
 
-        # 6. each fold's ensemble on its validation split: the label threshold is
-        # chosen here, never on the test fold
-        aggregation = (AUTO_AGGREGATION[task_type] if params["ensemble_aggregation"]
-                       == "auto" else params["ensemble_aggregation"])
-        labels_at, validation = validate_folds(state, data, cfg, members,
-                                               rows.target.to_numpy(), aggregation,
-                                               params)
+    # 6. each fold's ensemble on its validation split: the label threshold is
+    # chosen here, never on the test fold
+    aggregation = (AUTO_AGGREGATION[task_type] if params["ensemble_aggregation"]
+                   == "auto" else params["ensemble_aggregation"])
+    labels_at, validation = validate_folds(state, data, cfg, members,
+                                           rows.target.to_numpy(), aggregation, params)
 
-        # 7. predict each fold's test set and write its results
-        metric = TASK_INFO[task].metric
-        position = pd.Series(np.arange(len(rows)), index=rows.index)
-        test_dfs = {fold: df.loc[test_ids] for fold, (_, test_ids) in fold_ids.items()}
-        test_ok = {fold: test_df[input_col].notna().to_numpy()
-                   for fold, test_df in test_dfs.items()}
-        test_rows = {fold: position.loc[test_df.index[test_ok[fold]]].to_numpy()
-                     for fold, test_df in test_dfs.items()}
-        member_preds = predict(state, data, [test_rows[m.fold] for m in members], cfg)
-        entries = {}
-        for fold, test_df in test_dfs.items():
-            idx = [m for m, member in enumerate(members) if member.fold == fold]
-            val = validation.get(fold, {})
-            entry, preds_entry = fold_results(
-                fold, [members[m] for m in idx], [member_preds[m] for m in idx],
-                test_df, test_ok[fold], rows, task_type, aggregation,
-                val.get("threshold", labels_at[fold]))
-            for member, val_score in zip(entry.get("members", []),
-                                         val.pop("val_members", []), strict=True):
-                member["val"] = val_score
-            entry.update(val)
-            n_samples = state.epoch * sum(len(m.fit_idx) for m in members)
-            entry.update({
-                "aggregation": aggregation,  # of the members' predictions
-                "n_train": len(members[idx[0]].fit_idx),
-                "n_val": len(members[idx[0]].val_idx), "n_test": len(test_df),
-                "n_test_unlabelled": int((~test_ok[fold]).sum()), "epochs": state.epoch,
-                "train_seconds": round(state.train_seconds, 2),  # of the stacked run
-                "prep_seconds": round(prep_seconds, 2),
-                "samples_per_sec": round(n_samples / max(state.train_seconds, 1e-9), 1),
-                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-                "params": run_params,
-            })
-            merge_fold_results(preds_file, scores_file, task,
-                               {fold: (preds_entry, entry)})
-            entries[fold] = entry
-            print(f"{model} {task} fold {fold}: test {metric} = {entry[metric]:.4g}"
-                  f"{f' (ensemble of {ensemble})' if ensemble > 1 else ''}", flush=True)
-        print(f"{len(members)} members, {state.epoch} epochs in "
-              f"{state.train_seconds:.1f} s "
-              f"({entries[folds[0]]['samples_per_sec']:,.0f} training samples/s) -> "
-              f"{scores_file}", flush=True)
-        if wandb_run is not None:
-            wandb_run.summary.update({f"test_{k}_fold_{fold}": entry[k]
-                                      for fold, entry in entries.items()
-                                      for k in ("mae", "rmse", "r2", "rocauc",
-                                                "rocauc_prob", "accuracy", "f1")
-                                      if k in entry})
-            wandb_run.finish()
+    # 7. predict each fold's test set and write its results
+    metric = TASK_INFO[task].metric
+    position = pd.Series(np.arange(len(rows)), index=rows.index)
+    test_dfs = {fold: df.loc[test_ids] for fold, (_, test_ids) in fold_ids.items()}
+    test_ok = {fold: test_df[input_col].notna().to_numpy()
+               for fold, test_df in test_dfs.items()}
+    test_rows = {fold: position.loc[test_df.index[test_ok[fold]]].to_numpy()
+                 for fold, test_df in test_dfs.items()}
+    member_preds = predict(state, data, [test_rows[m.fold] for m in members], cfg)
+    entries = {}
+    for fold, test_df in test_dfs.items():
+        idx = [m for m, member in enumerate(members) if member.fold == fold]
+        val = validation.get(fold, {})
+        entry, preds_entry = fold_results(
+            fold, [members[m] for m in idx], [member_preds[m] for m in idx], test_df,
+            test_ok[fold], rows, task_type, aggregation,
+            val.get("threshold", labels_at[fold]))
+        for member, val_score in zip(entry.get("members", []),
+                                     val.pop("val_members", []), strict=True):
+            member["val"] = val_score
+        entry.update(val)
+        n_samples = state.epoch * sum(len(m.fit_idx) for m in members)
+        entry.update({
+            "aggregation": aggregation,  # of the members' predictions
+            "n_train": len(members[idx[0]].fit_idx),
+            "n_val": len(members[idx[0]].val_idx), "n_test": len(test_df),
+            "n_test_unlabelled": int((~test_ok[fold]).sum()), "epochs": state.epoch,
+            "train_seconds": round(state.train_seconds, 2),  # of the stacked run
+            "prep_seconds": round(prep_seconds, 2),
+            "samples_per_sec": round(n_samples / max(state.train_seconds, 1e-9), 1),
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+            "params": run_params,
+        })
+        merge_fold_results(preds_file, scores_file, task, {fold: (preds_entry, entry)})
+        entries[fold] = entry
+        print(f"{model} {task} fold {fold}: test {metric} = {entry[metric]:.4g}"
+              f"{f' (ensemble of {ensemble})' if ensemble > 1 else ''}", flush=True)
+    print(f"{len(members)} members, {state.epoch} epochs in "
+          f"{state.train_seconds:.1f} s "
+          f"({entries[folds[0]]['samples_per_sec']:,.0f} training samples/s) -> "
+          f"{scores_file}", flush=True)
+    if wandb_run is not None:
+        wandb_run.summary.update({f"test_{k}_fold_{fold}": entry[k]
+                                  for fold, entry in entries.items()
+                                  for k in ("mae", "rmse", "r2", "rocauc",
+                                            "rocauc_prob", "accuracy", "f1")
+                                  if k in entry})
+        wandb_run.finish()
     return entries
 
 

@@ -38,6 +38,7 @@ from mat_bench.data import (
 )
 
 MODELS = ("roostformer", "wrenformer")
+TORCH_FEEDFORWARD = 2048  # nn.TransformerEncoderLayer's width, which aviary keeps
 
 # every hyperparameter in one place: (default, help). The defaults are those of the
 # committed results; run_matbench.py's flags, their types and --help come from here.
@@ -51,8 +52,9 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
     "n_attn_layers": (3, "transformer encoder layers"),
     "d_model": (128, "width of the transformer"),
     "n_attn_heads": (4, "attention heads"),
-    "dim_feedforward": (2048, "width of the encoder layers' feed-forward network "
-                              "(torch's and aviary's 2048)"),
+    "dim_feedforward": (TORCH_FEEDFORWARD, "width of the encoder layers' "
+                                           "feed-forward network (torch's and "
+                                           "aviary's)"),
     "dropout": (0.0, "dropout in the encoder"),
     "embedding_aggregations": (("mean",), "pooling of the transformer output over a "
                                           "material's tokens: mean std sum min max"),
@@ -100,7 +102,6 @@ MODEL_KEYS = ("d_model", "n_attn_layers", "n_attn_heads", "dim_feedforward",
               "wyckoff_features")
 # earlier names -> today's: old results, checkpoints, flags and calls still read
 RENAMED = {"n_heads": "n_attn_heads", "frac_encoding": "frac_encoding_dims"}
-TORCH_FEEDFORWARD = 2048  # nn.TransformerEncoderLayer's width, which aviary keeps
 # what runs and checkpoints made before a hyperparameter existed did, in its terms
 BEFORE_IT_EXISTED: dict[str, Any] = {"dim_feedforward": TORCH_FEEDFORWARD,
                                      "gate": False, "frac_jitter": 0.0,
