@@ -506,6 +506,10 @@ def run_matbench(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no CUDA GPU: use --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {device} but torch sees {torch.cuda.device_count()} "
+                        f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}: "
+                        "choose one of those")
     dev = torch.device(device)
     if cuda_graphs and (dev.type != "cuda" or model != "roostformer"):
         raise UserError("--cuda-graphs needs --device cuda and --model roostformer: "
@@ -629,6 +633,14 @@ def run_matbench(
     return entries
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is torch running out of device memory (CUDA) or host memory."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_run_parser(__doc__).parse_args(argv))
     fold, folds = args.pop("fold"), args.pop("folds")
@@ -639,6 +651,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_matbench(**fixed, **args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        # the first epoch's steps and validation reach the run's peak, so this
+        # costs at most one epoch; the results files are not touched
+        members = len(fixed["folds"]) * args["ensemble"]
+        print(f"error: out of memory training {members} member(s) at --batch-size "
+              f"{args['batch_size']}: stack fewer "
+              "(fewer --folds, a smaller --ensemble; run_folds.py without "
+              "--per-task) or lower --batch-size", file=sys.stderr)
         return 2
     except Stopped as exc:
         print(exc, file=sys.stderr)

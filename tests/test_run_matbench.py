@@ -375,6 +375,57 @@ def test_diverged_training_says_so_and_writes_nothing(featurized, tmp_path, caps
     assert err.count("\n") == 1 and not list(tmp_path.rglob("*.json"))
 
 
+@pytest.mark.parametrize("error", ["cuda", "host"])
+def test_out_of_memory_says_what_to_do(featurized, tmp_path, capsys, monkeypatch,
+                                       error):
+    import torch
+
+    featurized("matbench_steels")
+
+    def out_of_memory(*_args, **_kwargs):
+        if error == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                           "allocate 2147483648 bytes")
+
+    monkeypatch.setattr(training, "member_losses", out_of_memory)
+    code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--folds",
+                     "0", "1", "--ensemble", "2", "--epochs", "1", "--out-dir",
+                     str(tmp_path), "--run-name", "oom", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "out of memory training 4 member(s) at --batch-size 128" in err
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(featurized, tmp_path,
+                                                           monkeypatch):
+    featurized("matbench_steels")
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(training, "member_losses", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_main(["--model", "roostformer", "--task", "matbench_steels", "--fold", "0",
+                  "--epochs", "1", "--out-dir", str(tmp_path), "--no-progress"])
+
+
+def test_gpu_index_beyond_the_machine_is_refused(featurized, tmp_path, capsys,
+                                                 monkeypatch):
+    import torch
+
+    featurized("matbench_steels")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--fold",
+                     "0", "--device", "cuda:2", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "torch sees 2 GPU(s), cuda:0 to cuda:1" in err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("case", ["duplicate", "target", "element"])
 def test_broken_featurized_file_says_rebuild(featurized, tmp_path, capsys, monkeypatch,
                                              case):
