@@ -182,6 +182,7 @@ def save_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
             "scheduler_state": state.scheduler.state_dict(),
             "norm_mean": state.norm_mean.cpu(), "norm_std": state.norm_std.cpu(),
             "epoch": state.epoch, "train_seconds": state.train_seconds,
+            "val_curve": state.val_curve,
         }, tmp)
 
 
@@ -247,6 +248,7 @@ def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None
     state.norm_mean.copy_(saved["norm_mean"])
     state.norm_std.copy_(saved["norm_std"])
     state.epoch, state.train_seconds = saved["epoch"], saved["train_seconds"]
+    state.val_curve = saved.get("val_curve", [])  # older checkpoints: from here on
 
 
 def train_or_stop(state: Any, data: Any, cfg: Any, *, ckpt_path: Path | None,
@@ -603,6 +605,11 @@ def run_matbench(
                                      val.pop("val_members", []), strict=True):
             member["val"] = val_score
         entry.update(val)
+        if state.val_curve:  # each member's validation score every 10 epochs
+            entry["val_curve"] = {
+                "epochs": [epoch for epoch, _ in state.val_curve],
+                "members": [[float(f"{scores[m]:.5g}") for _, scores in state.val_curve]
+                            for m in idx]}
         n_samples = state.epoch * sum(len(m.fit_idx) for m in members)
         entry.update({
             "aggregation": aggregation,  # of the members' predictions

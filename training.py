@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import numpy as np
@@ -32,6 +32,7 @@ from tqdm import tqdm
 from mat_bench import CLASS_THRESHOLD, VAL_METRICS
 from mat_bench.runs import CHOICES, DEFAULTS, TORCH_FEEDFORWARD
 
+VAL_CURVE_EPOCHS = 10  # a run records its members' validation scores this often
 ELEM_DIM, WYCKOFF_DIM = 200, 444  # matscholar200 and bra-alg-off embedding sizes
 # attention kernels scaled_dot_product_attention may pick on CUDA (SDPBackend
 # members; None: torch's own choice). For these short sequences (a material's
@@ -795,6 +796,8 @@ class TrainState:
     norm_std: Tensor  # (M,) and standard deviation (1 for classes)
     epoch: int = 0  # epochs completed
     train_seconds: float = 0.0
+    # every VAL_CURVE_EPOCHS epochs: (epoch, each member's validation score)
+    val_curve: list[tuple[int, list[float]]] = field(default_factory=list)
     bf16: Bf16Copy | None = None  # bf16 compute copy (amp on a CPU)
     graph: GraphedStep | None = None  # the captured step (cuda_graphs)
 
@@ -1011,6 +1014,8 @@ def train(state: TrainState, data: TaskData, cfg: TrainConfig, *,
                    for idx, preds in zip(val_idx, val_preds, strict=True)]
             metrics[f"val_{metric}"] = float(np.mean(val))
             metrics[f"val_{metric}_members"] = val
+            if (epoch + 1) % VAL_CURVE_EPOCHS == 0 or epoch + 1 == cfg.epochs:
+                state.val_curve.append((epoch + 1, val))
         state.epoch = epoch + 1
         pbar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()
                           if k != "lr" and not isinstance(v, list)})

@@ -165,6 +165,12 @@ def test_stacked_folds_and_ensembles_write_each_fold(featurized, tmp_path):
         assert entry["ensemble"] == 3 and entry["params"]["stacked_members"] == 6
         assert entry["aggregation"] == "median"
         assert [m["seed"] for m in entry["members"]] == [0, 1, 2]
+        # the learning curve: each member's validation score (here after the last
+        # epoch, as 2 < 10), ending at the member's recorded one
+        curve = entry["val_curve"]
+        assert curve["epochs"] == [2] and len(curve["members"]) == 3
+        assert [c[-1] for c in curve["members"]] == pytest.approx(
+            [m["val"] for m in entry["members"]], rel=1e-4)
         assert all(math.isfinite(m["mae"]) and math.isfinite(m["val"])
                    for m in entry["members"])
         assert len(preds["prediction_std"]) == n_test
@@ -221,6 +227,12 @@ def test_sigterm_checkpoints_and_rerun_resumes(featurized, tmp_path):
     assert "resuming matbench_steels fold_2 from epoch" in proc.stdout
     scores = read_json_results(tmp_path / "model_scores" / "term.json")
     assert scores["matbench_steels"]["fold_2"]["epochs"] == 60
+    # the validation curve survives the resume: every 10 epochs, from the start
+    curve = scores["matbench_steels"]["fold_2"]["val_curve"]
+    assert curve["epochs"] == [10, 20, 30, 40, 50, 60]
+    assert len(curve["members"]) == 1 and all(map(math.isfinite, curve["members"][0]))
+    assert curve["members"][0][-1] == pytest.approx(
+        scores["matbench_steels"]["fold_2"]["val_mae"], rel=1e-4)
 
 
 def test_wandb_offline_logs_locally(featurized, tmp_path, monkeypatch):
