@@ -12,6 +12,8 @@ Examples:
         --tasks matbench_phonons --parallel 4 --device cuda   # 4 folds at once on a GPU
     python run_folds.py --model roostformer --run-name search --tasks matbench_steels \
         --folds 0 --grid frac_encoding_dims=0,64 learning_rate=5e-4,1e-3  # validation
+    python run_folds.py --model wrenformer --run-name curve --tasks matbench_phonons \
+        --per-task --curves curves.csv  # validation every 10 epochs, all folds
     python run_folds.py --model roostformer --run-name roostformer --per-task \
         --tasks matbench_log_gvrh matbench_log_kvrh --checkpoint local  # folds stacked
 
@@ -122,6 +124,30 @@ def validation_table(out_dir: Path, run_names: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def validation_curves(out_dir: Path, run_names: Sequence[str]) -> pd.DataFrame:
+    """The learning curve on validation per run and task: at each recorded epoch,
+    the mean over its folds and their members of each member's validation metric
+    (`val_mae` or `val_rocauc_prob`), with the worst and best fold's mean."""
+    rows = []
+    for name in run_names:
+        for task, folds in read_json_results(scores_path(out_dir, name)).items():
+            curves = [f["val_curve"] for f in folds.values() if "val_curve" in f]
+            if not curves:
+                continue
+            metric = VALIDATION_COLUMNS[TASK_INFO[task].task_type][0]
+            by_epoch: dict[int, list[float]] = {}  # epoch -> each fold's mean
+            for curve in curves:
+                for k, epoch in enumerate(curve["epochs"]):
+                    by_epoch.setdefault(epoch, []).append(
+                        float(np.mean([member[k] for member in curve["members"]])))
+            for epoch, fold_means in sorted(by_epoch.items()):
+                rows.append({"run": name, "task": task, "epoch": epoch,
+                             "folds": len(fold_means), metric: np.mean(fold_means),
+                             "fold_min": min(fold_means),
+                             "fold_max": max(fold_means)})
+    return pd.DataFrame(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=HelpFormatter)
@@ -143,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--table", default=None, metavar="CSV",
                         help="also write the validation table (mean validation "
                         "metrics of each run and task) here")
+    parser.add_argument("--curves", default=None, metavar="CSV",
+                        help="also write the learning curves on validation (each "
+                        "run and task's mean member validation metric every 10 "
+                        "epochs) here")
     args, passthrough = parser.parse_known_args(argv)
     out_dir = Path(args.out_dir)
     try:
@@ -197,6 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.table:
                 Path(args.table).parent.mkdir(parents=True, exist_ok=True)
                 table.to_csv(args.table, index=False, float_format="%.5g")
+    if args.curves:
+        curves = validation_curves(out_dir, [name for name, _ in runs])
+        Path(args.curves).parent.mkdir(parents=True, exist_ok=True)
+        curves.to_csv(args.curves, index=False, float_format="%.5g")
+        print(f"learning curves: {len(curves)} rows -> {args.curves}")
     return 1 if failed else 0
 
 

@@ -79,8 +79,15 @@ def test_run_folds_per_task_stacks_the_missing_folds(featurized, tmp_path, capsy
     scores = read_json_results(tmp_path / "model_scores" / "st.json")["matbench_steels"]
     assert scores["fold_3"]["params"]["stacked_members"] == 1
     table = tmp_path / "table.csv"  # a run's validation table, without a grid
+    curves = tmp_path / "curves.csv"  # and its learning curves
     assert folds_main([*argv[:-len(TINY)], "--folds", "0", "2", "3", *TINY,
-                       "--table", str(table)]) == 0
+                       "--table", str(table), "--curves", str(curves)]) == 0
+    (point,) = pd.read_csv(curves).to_dict("records")  # 1 epoch: the last
+    assert point["epoch"] == 1 and point["folds"] == 3
+    fold_vals = [scores[f]["val_mae"] for f in ("fold_0", "fold_2", "fold_3")]
+    assert point["val_mae"] == pytest.approx(sum(fold_vals) / 3, rel=1e-4)
+    assert (point["fold_min"], point["fold_max"]) == pytest.approx(
+        (min(fold_vals), max(fold_vals)), rel=1e-4)
     assert "0 jobs" in capsys.readouterr().out
     (row,) = pd.read_csv(table).to_dict("records")
     assert row["run"] == "st" and row["task"] == "matbench_steels"

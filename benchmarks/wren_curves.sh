@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Where Wrenformer loses to Roostformer on matbench_phonons (README "Choosing the
+# recipe", stage E): both models at today's defaults on all 5 training folds, one
+# member per fold, 300 epochs, each member's validation score recorded every 10
+# epochs (the learning curves) and never a test fold's. Stage B searched folds 0 and
+# 1 only, where Wrenformer leads; the committed runs trail on folds 2 and 4. Tables
+# go to benchmarks/recipe_search/stageE_*. Resumable: recorded runs are skipped and
+# checkpoints resume. From the repository root, with MATBENCH_RAW_DIR set and
+# matbench_phonons featurized:
+#   bash benchmarks/wren_curves.sh [OUT_DIR] [FLAGS ...]  # OUT_DIR: results/search
+# FLAGS go to both runs, e.g. --device cuda on a GPU (where --amp is bf16 autocast,
+# CUDA's default anyway).
+set -euo pipefail
+out="${1:-results/search}"; shift || true
+tables=benchmarks/recipe_search
+common=(--tasks matbench_phonons --per-task --out-dir "$out" --checkpoint local --amp
+        "$@")
+python run_folds.py --model roostformer --run-name E-roostformer "${common[@]}"
+python run_folds.py --model wrenformer --run-name E-wrenformer "${common[@]}"
+python run_folds.py --model roostformer --run-name E-roostformer "${common[@]}" \
+    --table "$tables/stageE_phonons_roostformer.csv" \
+    --curves "$tables/stageE_phonons_roostformer_curves.csv"
+python run_folds.py --model wrenformer --run-name E-wrenformer "${common[@]}" \
+    --table "$tables/stageE_phonons_wrenformer.csv" \
+    --curves "$tables/stageE_phonons_wrenformer_curves.csv"
