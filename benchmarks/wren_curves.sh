@@ -8,6 +8,8 @@
 # checkpoints resume. From the repository root, with MATBENCH_RAW_DIR set and
 # matbench_phonons featurized:
 #   bash benchmarks/wren_curves.sh [OUT_DIR] [FLAGS ...]  # OUT_DIR: results/search
+# Then the candidates for Wrenformer, each one run of the same protocol (one
+# setting changed; its run is named after it, as run_folds.py --grid names it).
 # FLAGS go to both runs, e.g. --device cuda on a GPU (where --amp is bf16 autocast,
 # CUDA's default anyway).
 set -euo pipefail
@@ -23,3 +25,7 @@ python run_folds.py --model roostformer --run-name E-roostformer "${common[@]}" 
 python run_folds.py --model wrenformer --run-name E-wrenformer "${common[@]}" \
     --table "$tables/stageE_phonons_wrenformer.csv" \
     --curves "$tables/stageE_phonons_wrenformer_curves.csv"
+# candidates: dropout in the encoder (Wrenformer stops gaining after epoch 200)
+python run_folds.py --model wrenformer --run-name E-wrenformer "${common[@]}" \
+    --grid dropout=0.1 --table "$tables/stageE_phonons_wrenformer_dropout.csv" \
+    --curves "$tables/stageE_phonons_wrenformer_dropout_curves.csv"
