@@ -8,10 +8,10 @@
 # checkpoints resume. From the repository root, with MATBENCH_RAW_DIR set and
 # matbench_phonons featurized:
 #   bash benchmarks/wren_curves.sh [OUT_DIR] [FLAGS ...]  # OUT_DIR: results/search
-# Then the candidates for Wrenformer, each one run of the same protocol (one
-# setting changed; its run is named after it, as run_folds.py --grid names it).
-# FLAGS go to both runs, e.g. --device cuda on a GPU (where --amp is bf16 autocast,
-# CUDA's default anyway).
+# FLAGS go to every run, e.g. --device cuda on a GPU (where --amp is bf16 autocast,
+# CUDA's default anyway). After the two baselines come the candidates for
+# Wrenformer, each one run of the same protocol with one setting changed, named
+# after it as run_folds.py --grid names it.
 set -euo pipefail
 out="${1:-results/search}"; shift || true
 tables=benchmarks/recipe_search
