@@ -405,6 +405,7 @@ class StackedTransformer(nn.Module):
 
 
 # --- device-resident data and the members' batches ---------------------------------
+GRAPH_CLASS_BATCHES = 4  # CUDA graphs: a length class holds >= this many batches
 SEQ_MULTIPLE = 8  # Wrenformer steps hold a multiple of this many sequences per member
 
 
@@ -489,21 +490,67 @@ class TaskData:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
 
+    def width_classes(self, member_idx: Sequence[np.ndarray], batch_size: int,
+                      class_batches: int) -> list[int]:
+        """The widths of the length classes a graphed run draws its steps from (one
+        CUDA graph each), shortest first: from the shortest materials up, a class
+        closes once it holds `class_batches` batches per member; the rest joins the
+        last class, which reaches the members' longest material. class_batches 0:
+        one class."""
+        lengths = np.concatenate([self.length[idx] for idx in member_idx])
+        longest = int(lengths.max())
+        if class_batches <= 0:
+            return [longest]
+        counts = np.bincount(lengths, minlength=longest + 1)
+        need, held, widths = class_batches * batch_size * len(member_idx), 0, []
+        for width in range(1, longest + 1):
+            held += counts[width]
+            if held >= need:
+                widths.append(width)
+                held = 0
+        if not widths:
+            return [longest]
+        widths[-1] = longest  # a short remainder joins the last class
+        return widths
+
     def plan(self, member_idx: Sequence[np.ndarray], batch_size: int,
              rngs: Sequence[np.random.Generator] | None = None,
-             bucket_batches: int = 16) -> Plan:
+             bucket_batches: int = 16, widths: Sequence[int] | None = None) -> Plan:
         """Every member's materials once, in steps of at most batch_size each
-        (shuffled with each member's rng; sorted by length without rngs)."""
-        per_member = [self.member_batches(idx, batch_size, None if rngs is None
-                                          else rngs[m], bucket_batches)
-                      for m, idx in enumerate(member_idx)]
-        n_steps = max(map(len, per_member))
-        mat = np.full((n_steps, len(per_member), batch_size), self.pad, np.int64)
-        for m, batches in enumerate(per_member):
-            for step, batch in enumerate(batches):
+        (shuffled with each member's rng; sorted by length without rngs). With
+        `widths` (width_classes): every step draws all members' batches from one
+        length class and is that class's width; steps of all classes are shuffled
+        with member 0's rng."""
+        def rng(m: int) -> np.random.Generator | None:
+            return None if rngs is None else rngs[m]
+
+        if widths is None:
+            groups = [(None, [self.member_batches(idx, batch_size, rng(m),
+                                                  bucket_batches)
+                              for m, idx in enumerate(member_idx)])]
+        else:
+            groups = []
+            for cls, width in enumerate(widths):
+                in_class = [idx[np.searchsorted(widths, self.length[idx]) == cls]
+                            for idx in member_idx]
+                groups.append((width, [self.member_batches(idx, batch_size, rng(m),
+                                                           bucket_batches)
+                                       for m, idx in enumerate(in_class)]))
+        steps: list[tuple[int | None, list[np.ndarray]]] = []  # (width, member batches)
+        for width, per_member in groups:
+            for step in range(max(map(len, per_member))):
+                steps.append((width, [batches[step] if step < len(batches) else
+                                      np.zeros(0, np.int64) for batches in per_member]))
+        if widths is not None and rngs is not None:
+            steps = [steps[i] for i in rngs[0].permutation(len(steps))]
+        mat = np.full((len(steps), len(member_idx), batch_size), self.pad, np.int64)
+        for step, (_, batches) in enumerate(steps):
+            for m, batch in enumerate(batches):
                 mat[step, m, : len(batch)] = batch
+        n_steps = len(steps)
         real = mat != self.pad
-        width = self.length[mat].max(axis=(1, 2)).tolist()
+        longest = self.length[mat].max(axis=(1, 2)).tolist()
+        width = [w or top for (w, _), top in zip(steps, longest, strict=True)]
         plan = Plan(torch.as_tensor(mat, device=self.device),
                     torch.as_tensor(real, dtype=torch.float32, device=self.device),
                     width)
@@ -511,7 +558,7 @@ class TaskData:
             seq_rows, owner_rows, bounds = [], [], [0]
             for step in range(n_steps):
                 seqs, owners = [], []
-                for m in range(len(per_member)):
+                for m in range(len(member_idx)):
                     batch = mat[step, m][real[step, m]]
                     counts = self.n_seq[batch]
                     seqs.append(expand_ranges(self.seq_start[batch], counts))
@@ -571,6 +618,7 @@ class TrainConfig:
     frac_jitter: float = DEFAULTS["frac_jitter"]  # fractions x (1 + jitter x N(0, 1))
     amp: bool = False  # bf16 compute, fp32 weights and optimizer (runs: per device)
     cuda_graphs: bool = False  # capture the whole training step (CUDA, Roostformer)
+    graph_class_batches: int = GRAPH_CLASS_BATCHES  # 0: one graph, the longest width
 
 
 def make_optimizer(params: Sequence[Tensor], cfg: TrainConfig, steps: int,
@@ -866,12 +914,15 @@ def predict(state: TrainState, data: TaskData, member_idx: Sequence[np.ndarray],
 
 class GraphedStep:
     """The whole training step of a stacked model (the batch gather, forward, loss,
-    backward, AdamW and learning-rate update) captured in one CUDA graph over fixed
-    shapes: every step takes cfg.batch_size rows per member (short batches padded
-    with TaskData.pad at loss weight 0) at the task's longest material. An epoch
-    copies its plan into static buffers, then replays the graph once per step: no
-    host work, no synchronization. The first steps run eagerly (as real steps) to
-    warm up the kernels and the optimizer's state before the capture."""
+    backward, AdamW and learning-rate update) captured in CUDA graphs over fixed
+    shapes, one graph per width class of the plan (TaskData.width_classes): every
+    step takes cfg.batch_size rows per member (short batches padded with
+    TaskData.pad at loss weight 0) at its class's width. An epoch copies its plan
+    into static buffers, then replays one graph per step, chosen on the host from
+    the plan's widths: no synchronization. The first steps of each width run eagerly
+    (as real steps) to warm up its kernels, and the optimizer's state, before its
+    capture. Each graph keeps its own memory pool and its own gradients, which
+    its replays overwrite."""
 
     WARMUP_STEPS = 3
 
@@ -894,16 +945,16 @@ class GraphedStep:
              for s in range(total + 1)], device=dev)
         self.global_step = torch.tensor([scheduler.last_epoch], device=dev)
         self.loss_sum = torch.zeros(n_members, device=dev)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.replay: Callable[[], None] | None = None
-        self.eager_steps = 0
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # by width
+        self.replays: dict[int, Callable[[], None]] = {}
+        self.eager_steps: dict[int, int] = {}
 
-    def body(self) -> None:
+    def body(self, width: int) -> None:
         state, data, cfg = self.state, self.data, self.cfg
         mat = self.mat.index_select(0, self.step).squeeze(0)
         weight = self.weight.index_select(0, self.step).squeeze(0)
         with autocast(data.device, cfg.amp, cache=False):
-            output = state.model(*jitter_fractions(data.inputs(mat, data.max_len),
+            output = state.model(*jitter_fractions(data.inputs(mat, width),
                                                    cfg.frac_jitter))
         losses = member_losses(output, data.targets[mat], weight, cfg, state.norm_mean,
                                state.norm_std)
@@ -914,22 +965,24 @@ class GraphedStep:
         self.step += 1
         self.global_step += 1
 
-    def warmup_step(self) -> None:
+    def warmup_step(self, width: int) -> None:
         """One eager step on a side stream, as CUDA graph capture wants."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self.state.optimizer.zero_grad(set_to_none=True)
-            self.body()
+            self.body(width)
         torch.cuda.current_stream().wait_stream(side)
 
-    def capture(self) -> Callable[[], None]:
-        """Capture one step in a CUDA graph (nothing runs); returns its replay. The
-        gradients, allocated in the capture, are overwritten by each replay."""
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.body()
-        return self.graph.replay
+    def capture(self, width: int) -> Callable[[], None]:
+        """Capture one step of this width in a CUDA graph (nothing runs); returns its
+        replay. The gradients, allocated in the capture, are overwritten by each
+        replay."""
+        self.state.optimizer.zero_grad(set_to_none=True)
+        graph = self.graphs[width] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.body(width)
+        return graph.replay
 
     def run_epoch(self, plan: Plan, on_step: Callable[[], None] | None = None
                   ) -> Tensor:
@@ -943,16 +996,15 @@ class GraphedStep:
         self.weight[:n_steps].copy_(plan.weight)
         self.step.zero_()
         self.loss_sum.zero_()
-        for _ in range(n_steps):
-            if self.replay is not None:
-                self.replay()
-            elif self.eager_steps < self.WARMUP_STEPS:
-                self.warmup_step()
-                self.eager_steps += 1
+        for width in plan.width:
+            if width in self.replays:
+                self.replays[width]()
+            elif self.eager_steps.get(width, 0) < self.WARMUP_STEPS:
+                self.warmup_step(width)
+                self.eager_steps[width] = self.eager_steps.get(width, 0) + 1
             else:
-                self.state.optimizer.zero_grad(set_to_none=True)
-                self.replay = self.capture()
-                self.replay()
+                self.replays[width] = self.capture(width)
+                self.replays[width]()
             if on_step is not None:
                 on_step()
         self.state.scheduler.last_epoch += n_steps  # (the graph set the lr itself)
@@ -975,10 +1027,13 @@ def train(state: TrainState, data: TaskData, cfg: TrainConfig, *,
     if bf16:
         bf16.refresh()  # the master weights may come from a checkpoint
     net = bf16.model if bf16 else state.model
+    fit_idx = [m.fit_idx for m in members]
+    widths = (data.width_classes(fit_idx, cfg.batch_size, cfg.graph_class_batches)
+              if cfg.cuda_graphs else None)  # one graph per length class
     for epoch in pbar:
         start = time.perf_counter()
         net.train()
-        plan = data.plan([m.fit_idx for m in members], cfg.batch_size, rngs)
+        plan = data.plan(fit_idx, cfg.batch_size, rngs, widths=widths)
         if cfg.cuda_graphs:
             if state.graph is None:
                 state.graph = GraphedStep(state, data, cfg, len(plan))

@@ -231,31 +231,70 @@ def test_stacked_member_matches_a_solo_run():
     assert np.abs(ours[0] - alone).mean() > 10 * np.abs(ours[1] - alone).mean()
 
 
-def emulate_cuda_graphs(monkeypatch) -> None:
+def emulate_cuda_graphs(monkeypatch) -> list[int]:
     """GraphedStep without a GPU: warm-up steps and 'replays' run its step body
-    eagerly (a replay overwrites the gradients, as a captured backward does)."""
+    eagerly (a replay overwrites the gradients, as a captured backward does).
+    Returns the list the widths of the 'captured' graphs go to."""
+    captured: list[int] = []
 
-    def step(self):
+    def step(self, width):
         self.state.optimizer.zero_grad(set_to_none=True)
-        self.body()
+        self.body(width)
+
+    def capture(self, width):
+        captured.append(width)
+        return lambda: step(self, width)
 
     monkeypatch.setattr(training.GraphedStep, "warmup_step", step)
-    monkeypatch.setattr(training.GraphedStep, "capture",
-                        lambda self: (lambda: step(self)))
+    monkeypatch.setattr(training.GraphedStep, "capture", capture)
+    return captured
+
+
+def test_width_class_plan_covers_each_member_once():
+    """A graphed run's plan: each step draws every member's batch from one length
+    class and is that class's width; each member meets each of its materials once
+    an epoch; classes hold at least class_batches batches per member."""
+    data = task_data("roostformer")
+    members = members_of(N_ROWS, 3)
+    fit = [m.fit_idx for m in members]
+    widths = data.width_classes(fit, 8, 2)
+    assert len(widths) > 1 and widths == sorted(set(widths))
+    assert widths[-1] == max(data.length[idx].max() for idx in fit)
+    assert data.width_classes(fit, 8, 0) == [widths[-1]]
+    classes = np.searchsorted(widths, np.concatenate([data.length[i] for i in fit]))
+    assert np.bincount(classes).min() >= 2 * 8 * len(members)
+    plan = data.plan(fit, 8, [np.random.default_rng(s) for s in range(3)],
+                     widths=widths)
+    mat, real = plan.mat.numpy(), plan.weight.numpy() > 0
+    assert set(plan.width) == set(widths)
+    for step, width in enumerate(plan.width):
+        lengths = data.length[mat[step][real[step]]]
+        lower = ([0, *widths])[widths.index(width)]
+        assert lengths.max() <= width and lengths.min() > lower
+    for m, idx in enumerate(fit):
+        np.testing.assert_array_equal(np.sort(mat[:, m][real[:, m]]), np.sort(idx))
 
 
 def test_graph_step_bookkeeping_matches_eager(monkeypatch):
     """The graphed step's static buffers, on-device step counter, learning-rate
-    table and loss sums train as the eager loop does. Fixed-width batches and a
-    float32 learning rate change only rounding, which a tiny model on 100 materials
-    amplifies from epoch to epoch: the first epoch agrees to 1e-5."""
-    emulate_cuda_graphs(monkeypatch)
+    table, loss sums and one graph per width class train as the eager loop does on
+    the same plan. Fixed-width batches and a float32 learning rate change only
+    rounding, which a tiny model on 100 materials amplifies from epoch to epoch: the
+    first epoch agrees to 1e-5."""
+    captured = emulate_cuda_graphs(monkeypatch)
     data = task_data("roostformer")
     members = members_of(N_ROWS, 2)
+    batch, class_batches = 8, 2
+    widths = data.width_classes([m.fit_idx for m in members], batch, class_batches)
+    assert len(widths) > 1
+    plan = data.plan  # the eager run gets the graphed run's plans
+    monkeypatch.setattr(data, "plan", lambda *args, **kwargs: plan(
+        *args, **{**kwargs, "widths": widths}))
     logs, preds = {}, {}
     for graphs in (False, True):
-        cfg = training.TrainConfig("regression", 3, batch_size=32,
-                                  cuda_graphs=graphs, **EXACT)
+        cfg = training.TrainConfig("regression", 3, batch_size=batch,
+                                   cuda_graphs=graphs,
+                                   graph_class_batches=class_batches, **EXACT)
         state = training.new_train_state("roostformer", data, members, cfg,
                                          frac_encoding_dims=16, **TINY)
         logs[graphs] = []
@@ -263,7 +302,9 @@ def test_graph_step_bookkeeping_matches_eager(monkeypatch):
                        on_epoch_end=lambda _, m, log=logs[graphs]: log.append(m))
         preds[graphs] = np.stack(training.predict(state, data, [np.arange(N_ROWS)] * 2,
                                                   cfg))
-        assert state.scheduler.last_epoch == 3 * training.steps_per_epoch(members, 32)
+        assert state.scheduler.last_epoch == 3 * len(plan([m.fit_idx for m in members],
+                                                          batch, widths=widths))
+    assert sorted(captured) == widths  # one graph per class, each captured once
     for eager, graph in zip(logs[False], logs[True], strict=True):
         assert eager["lr"] == pytest.approx(graph["lr"], rel=1e-6)
     first = [logs[g][0]["train_loss"] for g in (False, True)]
