@@ -14,7 +14,6 @@ Examples:
         --folds 0 1 2 3 4 --ensemble 5 --amp --dim-feedforward 512  # a narrower encoder
     python benchmark_training.py --device cuda --impls ours --cuda-graphs \
         --cases roostformer-mp_e_form --folds 0 1 2 3 4 --ensemble 4 --batch-sizes 256
-    python benchmark_training.py ... --cuda-graphs --graph-class-batches 0  # one graph
 
 For each case (task, model) and batch size it measures, for (a) aviary's reference
 loop (`df_to_in_mem_dataloader` + `Wrenformer.evaluate(action="train")`) and (b)
@@ -45,7 +44,6 @@ import numpy as np
 
 from mat_bench.data import HelpFormatter
 from mat_bench.runs import DEFAULTS, TORCH_FEEDFORWARD
-from mat_bench.training import GRAPH_CLASS_BATCHES
 
 # defaults in one place: the model of runs.DEFAULTS, aviary's raw features
 CASES = {
@@ -118,8 +116,7 @@ def measure_aviary(df, model: str, batch_size: int, device: str, epochs: int
 def measure_ours(frames: Sequence, model: str, batch_size: int, device: str,
                  epochs: int, amp: bool | None = None, ensemble: int = 1,
                  cuda_graphs: bool = False,
-                 dim_feedforward: int = TORCH_FEEDFORWARD,
-                 graph_class_batches: int = GRAPH_CLASS_BATCHES) -> dict[str, Any]:
+                 dim_feedforward: int = TORCH_FEEDFORWARD) -> dict[str, Any]:
     """This project's trainer on all frames at once: one member per (frame, seed),
     stacked into one model (tokens on the device, length buckets, fused AdamW)."""
     import aviary.wren.data  # noqa: F401  imported before the clock starts, as
@@ -147,7 +144,6 @@ def measure_ours(frames: Sequence, model: str, batch_size: int, device: str,
                for fold in range(len(frames)) for seed in range(ensemble)]
     cfg = TrainConfig("regression", epochs, batch_size=batch_size,
                       learning_rate=LEARNING_RATE, cuda_graphs=cuda_graphs,
-                      graph_class_batches=graph_class_batches,
                       amp=dev.type == "cuda" if amp is None else amp)
     plan = data.plan([m.fit_idx for m in members], batch_size,
                      [np.random.default_rng(0)] * len(members))
@@ -173,8 +169,7 @@ def measure_ours(frames: Sequence, model: str, batch_size: int, device: str,
 def measure(impl: str, case: str, batch_size: int, device: str, epochs: int,
             max_train: int | None, amp: bool | None = None, folds: Sequence[int] = (0,),
             ensemble: int = 1, cuda_graphs: bool = False,
-            dim_feedforward: int = TORCH_FEEDFORWARD,
-            graph_class_batches: int = GRAPH_CLASS_BATCHES) -> dict[str, Any]:
+            dim_feedforward: int = TORCH_FEEDFORWARD) -> dict[str, Any]:
     """One measurement in this process; returns the row of the results table.
     aviary trains one model per fold (and ensemble member) after another; ours
     trains them all at once, stacked."""
@@ -196,14 +191,12 @@ def measure(impl: str, case: str, batch_size: int, device: str, epochs: int,
     else:
         out = measure_ours(frames, model, batch_size, device, epochs, amp=amp,
                            ensemble=ensemble, cuda_graphs=cuda_graphs,
-                           dim_feedforward=dim_feedforward,
-                           graph_class_batches=graph_class_batches)
+                           dim_feedforward=dim_feedforward)
         timed = out["epoch_seconds"][1:] or out["epoch_seconds"]
         label = f"ours ({out['precision']}{', graphs' if cuda_graphs else ''})"
     row = {
         "case": case, "impl": label, "batch_size": batch_size, "device": device,
         "folds": len(folds), "ensemble": ensemble, "dim_feedforward": dim_feedforward,
-        "graph_class_batches": graph_class_batches if cuda_graphs else None,
         "n_train": sum(map(len, frames)), "epochs_timed": len(timed),
         "samples_per_s": round(n_samples * len(timed) / sum(timed), 1),
         "first_batch_s": round(out["first_batch_s"], 2),
@@ -219,13 +212,11 @@ def run_in_subprocess(impl: str, case: str, batch_size: int, device: str, epochs
                       max_train: int | None, amp: bool | None = None,
                       folds: Sequence[int] = (0,), ensemble: int = 1,
                       cuda_graphs: bool = False,
-                      dim_feedforward: int = TORCH_FEEDFORWARD,
-                      graph_class_batches: int = GRAPH_CLASS_BATCHES) -> dict[str, Any]:
+                      dim_feedforward: int = TORCH_FEEDFORWARD) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", impl, "--cases", case,
            "--batch-sizes", str(batch_size), "--device", device, "--epochs",
            str(epochs), "--folds", *map(str, folds), "--ensemble", str(ensemble),
-           "--dim-feedforward", str(dim_feedforward),
-           "--graph-class-batches", str(graph_class_batches)]
+           "--dim-feedforward", str(dim_feedforward)]
     if cuda_graphs:
         cmd.append("--cuda-graphs")
     if max_train:
@@ -334,10 +325,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json-out", default=None, help="also write rows as JSON")
     parser.add_argument("--dim-feedforward", type=int, default=TORCH_FEEDFORWARD,
                         help="ours only: the encoder's feed-forward width")
-    parser.add_argument("--graph-class-batches", type=int, default=GRAPH_CLASS_BATCHES,
-                        help="with --cuda-graphs: a length class (one graph each) "
-                             "holds at least this many batches per member; 0: one "
-                             "graph at the longest material's width")
     parser.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.dim_feedforward != TORCH_FEEDFORWARD and "aviary" in (
@@ -349,8 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(measure(args.one, args.cases[0], args.batch_sizes[0],
                                  args.device, args.epochs, args.max_train,
                                  args.amp, args.folds, args.ensemble,
-                                 args.cuda_graphs, args.dim_feedforward,
-                                 args.graph_class_batches)))
+                                 args.cuda_graphs, args.dim_feedforward)))
         return 0
     print(f"# {platform.node()} | {platform.processor() or platform.machine()} | "
           f"{os.cpu_count()} CPUs | device {args.device}", flush=True)
@@ -366,8 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         row = run_in_subprocess(
                             impl, case, batch_size, args.device, args.epochs,
                             args.max_train, args.amp, args.folds, args.ensemble,
-                            args.cuda_graphs, args.dim_feedforward,
-                            args.graph_class_batches)
+                            args.cuda_graphs, args.dim_feedforward)
                         runs[impl].append(row)
                         print(json.dumps(row), flush=True)
                 rows += summarize(runs)

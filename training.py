@@ -405,7 +405,7 @@ class StackedTransformer(nn.Module):
 
 
 # --- device-resident data and the members' batches ---------------------------------
-GRAPH_CLASS_BATCHES = 4  # CUDA graphs: a length class holds >= this many batches
+ORDER_STREAM = 1_000_003  # seeds the step order all members share (TaskData.plan)
 SEQ_MULTIPLE = 8  # Wrenformer steps hold a multiple of this many sequences per member
 
 
@@ -472,7 +472,8 @@ class TaskData:
                        rng: np.random.Generator | None, bucket_batches: int = 16
                        ) -> list[np.ndarray]:
         """Batches of materials idx: random buckets of `bucket_batches` batches, each
-        sorted by length (little padding), batches in random order. Without an rng:
+        sorted by length (little padding); the batches sorted by their longest
+        material (ties in random order), for `plan` to order. Without an rng:
         sorted by length, for evaluation."""
         length = self.length[idx]
         if rng is None:
@@ -487,70 +488,35 @@ class TaskData:
             order = idx[perm]
         batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
         if rng is not None:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
+            shuffled = [batches[i] for i in rng.permutation(len(batches))]
+            widths = [self.length[batch].max() for batch in shuffled]
+            batches = [shuffled[i] for i in np.argsort(widths, kind="stable")]
         return batches
-
-    def width_classes(self, member_idx: Sequence[np.ndarray], batch_size: int,
-                      class_batches: int) -> list[int]:
-        """The widths of the length classes a graphed run draws its steps from (one
-        CUDA graph each), shortest first: from the shortest materials up, a class
-        closes once it holds `class_batches` batches per member; the rest joins the
-        last class, which reaches the members' longest material. class_batches 0:
-        one class."""
-        lengths = np.concatenate([self.length[idx] for idx in member_idx])
-        longest = int(lengths.max())
-        if class_batches <= 0:
-            return [longest]
-        counts = np.bincount(lengths, minlength=longest + 1)
-        need, held, widths = class_batches * batch_size * len(member_idx), 0, []
-        for width in range(1, longest + 1):
-            held += counts[width]
-            if held >= need:
-                widths.append(width)
-                held = 0
-        if not widths:
-            return [longest]
-        widths[-1] = longest  # a short remainder joins the last class
-        return widths
 
     def plan(self, member_idx: Sequence[np.ndarray], batch_size: int,
              rngs: Sequence[np.random.Generator] | None = None,
-             bucket_batches: int = 16, widths: Sequence[int] | None = None) -> Plan:
-        """Every member's materials once, in steps of at most batch_size each
-        (shuffled with each member's rng; sorted by length without rngs). With
-        `widths` (width_classes): every step draws all members' batches from one
-        length class and is that class's width; steps of all classes are shuffled
-        with member 0's rng."""
-        def rng(m: int) -> np.random.Generator | None:
-            return None if rngs is None else rngs[m]
-
-        if widths is None:
-            groups = [(None, [self.member_batches(idx, batch_size, rng(m),
-                                                  bucket_batches)
-                              for m, idx in enumerate(member_idx)])]
-        else:
-            groups = []
-            for cls, width in enumerate(widths):
-                in_class = [idx[np.searchsorted(widths, self.length[idx]) == cls]
-                            for idx in member_idx]
-                groups.append((width, [self.member_batches(idx, batch_size, rng(m),
-                                                           bucket_batches)
-                                       for m, idx in enumerate(in_class)]))
-        steps: list[tuple[int | None, list[np.ndarray]]] = []  # (width, member batches)
-        for width, per_member in groups:
-            for step in range(max(map(len, per_member))):
-                steps.append((width, [batches[step] if step < len(batches) else
-                                      np.zeros(0, np.int64) for batches in per_member]))
-        if widths is not None and rngs is not None:
-            steps = [steps[i] for i in rngs[0].permutation(len(steps))]
-        mat = np.full((len(steps), len(member_idx), batch_size), self.pad, np.int64)
-        for step, (_, batches) in enumerate(steps):
-            for m, batch in enumerate(batches):
-                mat[step, m, : len(batch)] = batch
-        n_steps = len(steps)
+             order_rng: np.random.Generator | None = None,
+             bucket_batches: int = 16) -> Plan:
+        """Every member's materials once, in steps of at most batch_size each.
+        Training (rngs: one per member): each member's batches are drawn with its
+        own rng and ranked by their longest material, and step s gives every member
+        its batch of rank order[s], for one random permutation `order` shared by all
+        members (from order_rng): a step's batches are about equally long, so
+        stacked members pad little, and a member's batches never depend on another
+        member's. Evaluation (no rngs): sorted by length."""
+        per_member = [self.member_batches(idx, batch_size, None if rngs is None
+                                          else rngs[m], bucket_batches)
+                      for m, idx in enumerate(member_idx)]
+        n_steps = max(map(len, per_member))
+        ranks = (np.arange(n_steps) if rngs is None else
+                 (order_rng or np.random.default_rng(0)).permutation(n_steps))
+        mat = np.full((n_steps, len(per_member), batch_size), self.pad, np.int64)
+        for m, batches in enumerate(per_member):
+            for step, rank in enumerate(ranks):
+                if rank < len(batches):
+                    mat[step, m, : len(batches[rank])] = batches[rank]
         real = mat != self.pad
-        longest = self.length[mat].max(axis=(1, 2)).tolist()
-        width = [w or top for (w, _), top in zip(steps, longest, strict=True)]
+        width = self.length[mat].max(axis=(1, 2)).tolist()
         plan = Plan(torch.as_tensor(mat, device=self.device),
                     torch.as_tensor(real, dtype=torch.float32, device=self.device),
                     width)
@@ -558,7 +524,7 @@ class TaskData:
             seq_rows, owner_rows, bounds = [], [], [0]
             for step in range(n_steps):
                 seqs, owners = [], []
-                for m in range(len(member_idx)):
+                for m in range(len(per_member)):
                     batch = mat[step, m][real[step, m]]
                     counts = self.n_seq[batch]
                     seqs.append(expand_ranges(self.seq_start[batch], counts))
@@ -618,7 +584,6 @@ class TrainConfig:
     frac_jitter: float = DEFAULTS["frac_jitter"]  # fractions x (1 + jitter x N(0, 1))
     amp: bool = False  # bf16 compute, fp32 weights and optimizer (runs: per device)
     cuda_graphs: bool = False  # capture the whole training step (CUDA, Roostformer)
-    graph_class_batches: int = GRAPH_CLASS_BATCHES  # 0: one graph, the longest width
 
 
 def make_optimizer(params: Sequence[Tensor], cfg: TrainConfig, steps: int,
@@ -915,14 +880,14 @@ def predict(state: TrainState, data: TaskData, member_idx: Sequence[np.ndarray],
 class GraphedStep:
     """The whole training step of a stacked model (the batch gather, forward, loss,
     backward, AdamW and learning-rate update) captured in CUDA graphs over fixed
-    shapes, one graph per width class of the plan (TaskData.width_classes): every
-    step takes cfg.batch_size rows per member (short batches padded with
-    TaskData.pad at loss weight 0) at its class's width. An epoch copies its plan
-    into static buffers, then replays one graph per step, chosen on the host from
-    the plan's widths: no synchronization. The first steps of each width run eagerly
-    (as real steps) to warm up its kernels, and the optimizer's state, before its
-    capture. Each graph keeps its own memory pool and its own gradients, which
-    its replays overwrite."""
+    shapes, one graph per step width (the longest material of a step: a few per
+    task, as the plan gives each step batches of one rank): every step takes
+    cfg.batch_size rows per member (short batches padded with TaskData.pad at loss
+    weight 0). An epoch copies its plan into static buffers, then replays one graph
+    per step, chosen on the host from the plan's widths: no synchronization. The
+    first steps of each width run eagerly (as real steps) to warm up its kernels,
+    and the optimizer's state, before its capture. Each graph keeps its own memory
+    pool and its own gradients, which its replays overwrite."""
 
     WARMUP_STEPS = 3
 
@@ -1020,6 +985,7 @@ def train(state: TrainState, data: TaskData, cfg: TrainConfig, *,
     score, and each member's validation score under `val_<metric>_members`."""
     members, optimizer, scheduler = state.members, state.optimizer, state.scheduler
     rngs = [np.random.default_rng(m.seed + state.epoch) for m in members]
+    order_rng = np.random.default_rng((state.epoch, ORDER_STREAM))  # shared: see plan
     metric = VAL_METRICS[cfg.task_type]
     pbar = tqdm(range(state.epoch, cfg.epochs), initial=state.epoch, total=cfg.epochs,
                 desc="epochs", disable=not progress, mininterval=1, dynamic_ncols=True)
@@ -1028,12 +994,10 @@ def train(state: TrainState, data: TaskData, cfg: TrainConfig, *,
         bf16.refresh()  # the master weights may come from a checkpoint
     net = bf16.model if bf16 else state.model
     fit_idx = [m.fit_idx for m in members]
-    widths = (data.width_classes(fit_idx, cfg.batch_size, cfg.graph_class_batches)
-              if cfg.cuda_graphs else None)  # one graph per length class
     for epoch in pbar:
         start = time.perf_counter()
         net.train()
-        plan = data.plan(fit_idx, cfg.batch_size, rngs, widths=widths)
+        plan = data.plan(fit_idx, cfg.batch_size, rngs, order_rng)
         if cfg.cuda_graphs:
             if state.graph is None:
                 state.graph = GraphedStep(state, data, cfg, len(plan))

@@ -1,13 +1,12 @@
 """Everything this project measures on a lent GPU, in one call, within a time budget
 (benchmarks/gpu_check.sh sets up the machine and runs this):
 
-1. graphs vs eager: the CUDA-graph training step (one graph per length class) and
-   the eager step train the same two stacked members on the same plans for 3 epochs
-   (fp32 and bf16); their test predictions must agree to rounding.
+1. graphs vs eager: the CUDA-graph training step and the eager step train the same
+   two stacked members for 3 epochs (fp32 and bf16); their test predictions must
+   agree to rounding.
 2. throughput: benchmark_training.py rows on this GPU: aviary's loop and ours at
    batch 32 on one fold; ours with CUDA graphs at batch 32, 128 and 256, one member
-   and 5 folds stacked; mp_e_form with 5 folds x 4 members at 256 per member, with
-   a graph per length class and with one graph at the longest width.
+   and 5 folds stacked; mp_e_form with 5 folds x 4 members at 256 per member.
 3. seeds: run_matbench.py on expt_gap fold 0 with --ensemble 3 (seeds 0-2), eager
    and with --cuda-graphs, at --epochs 100: the members' test MAEs side by side.
 4. results: Roostformer on matbench_mp_e_form, mp_gap and mp_is_metal, 5 folds
@@ -67,11 +66,7 @@ def graphs_match_eager() -> dict[str, Any]:
                for seed in (0, 1)]
     test = np.arange(n_train, len(rows))
     targets = rows.target.to_numpy()[test]
-    widths = data.width_classes([m.fit_idx for m in members], 64,
-                                training.GRAPH_CLASS_BATCHES)
-    plan = data.plan  # the eager runs train on the graphed runs' plans
-    data.plan = lambda *args, **kwargs: plan(*args, **{**kwargs, "widths": widths})
-    out: dict[str, Any] = {"widths": widths}
+    out: dict[str, Any] = {}
     for amp in (False, True):
         preds, seconds = {}, {}
         for graphs in (False, True):
@@ -106,10 +101,6 @@ BENCH_ROWS = {  # name -> benchmark_training.py flags (--device cuda --repeats 1
     "mp_e_form_5x4_bs256": ["--cases", "roostformer-mp_e_form", "--impls", "ours",
                             "--cuda-graphs", "--batch-sizes", "256", "--folds", "0",
                             "1", "2", "3", "4", "--ensemble", "4", "--epochs", "2"],
-    "mp_e_form_5x4_bs256_one_graph": [
-        "--cases", "roostformer-mp_e_form", "--impls", "ours", "--cuda-graphs",
-        "--batch-sizes", "256", "--folds", "0", "1", "2", "3", "4", "--ensemble", "4",
-        "--epochs", "2", "--graph-class-batches", "0"],
     "mp_e_form_5x1_bs256": ["--cases", "roostformer-mp_e_form", "--impls", "ours",
                             "--cuda-graphs", "--batch-sizes", "256", "--folds", "0",
                             "1", "2", "3", "4", "--epochs", "2"],

@@ -4,6 +4,7 @@ members' batches, member independence, stacked vs solo runs, the CUDA-graph step
 bookkeeping (emulated on the CPU), bf16 and resuming, and the recipe's levers."""
 
 import copy
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -250,61 +251,70 @@ def emulate_cuda_graphs(monkeypatch) -> list[int]:
     return captured
 
 
-def test_width_class_plan_covers_each_member_once():
-    """A graphed run's plan: each step draws every member's batch from one length
-    class and is that class's width; each member meets each of its materials once
-    an epoch; classes hold at least class_batches batches per member."""
+def test_plan_steps_give_members_batches_of_one_rank():
+    """Training plans rank each member's batches by their longest material and give
+    every member its batch of the same rank at a step, in an order shared by all
+    members and drawn anew each epoch: a step pads little however many members are
+    stacked."""
     data = task_data("roostformer")
-    members = members_of(N_ROWS, 3)
-    fit = [m.fit_idx for m in members]
-    widths = data.width_classes(fit, 8, 2)
-    assert len(widths) > 1 and widths == sorted(set(widths))
-    assert widths[-1] == max(data.length[idx].max() for idx in fit)
-    assert data.width_classes(fit, 8, 0) == [widths[-1]]
-    classes = np.searchsorted(widths, np.concatenate([data.length[i] for i in fit]))
-    assert np.bincount(classes).min() >= 2 * 8 * len(members)
-    plan = data.plan(fit, 8, [np.random.default_rng(s) for s in range(3)],
-                     widths=widths)
-    mat, real = plan.mat.numpy(), plan.weight.numpy() > 0
-    assert set(plan.width) == set(widths)
-    for step, width in enumerate(plan.width):
-        lengths = data.length[mat[step][real[step]]]
-        lower = ([0, *widths])[widths.index(width)]
-        assert lengths.max() <= width and lengths.min() > lower
-    for m, idx in enumerate(fit):
-        np.testing.assert_array_equal(np.sort(mat[:, m][real[:, m]]), np.sort(idx))
+    idx = [np.random.default_rng(s).permutation(N_ROWS)[:80] for s in range(4)]
+
+    def plan(order_seed: int) -> training.Plan:
+        return data.plan(idx, 8, [np.random.default_rng(s) for s in range(4)],
+                         np.random.default_rng(order_seed))
+
+    first = plan(0)
+    mat, real = first.mat.numpy(), first.weight.numpy() > 0
+    width = np.array([[data.length[mat[s, m][real[s, m]]].max() for m in range(4)]
+                      for s in range(len(first))])  # (steps, members)
+    assert len(set(first.width)) > 1
+    for s in range(len(first)):  # co-monotone: if one member's step s is shorter
+        for t in range(len(first)):  # than its step t, so is every member's
+            if (width[s] < width[t]).any():
+                assert (width[s] <= width[t]).all()
+    for m in range(4):  # a member's materials once each, with the same content
+        np.testing.assert_array_equal(np.sort(mat[:, m][real[:, m]]), np.sort(idx[m]))
+    other = plan(1)
+    assert not np.array_equal(other.mat.numpy(), mat)  # a new order each epoch
+    np.testing.assert_array_equal(np.sort(other.mat.numpy(), axis=None),
+                                  np.sort(mat, axis=None))
 
 
 def test_graph_step_bookkeeping_matches_eager(monkeypatch):
     """The graphed step's static buffers, on-device step counter, learning-rate
-    table, loss sums and one graph per width class train as the eager loop does on
-    the same plan. Fixed-width batches and a float32 learning rate change only
-    rounding, which a tiny model on 100 materials amplifies from epoch to epoch: the
-    first epoch agrees to 1e-5."""
+    table, loss sums and one graph per step width train as the eager loop does.
+    A float32 learning rate changes only rounding, which a tiny model on 100
+    materials amplifies from epoch to epoch: the first epoch agrees to 1e-5."""
     captured = emulate_cuda_graphs(monkeypatch)
     data = task_data("roostformer")
     members = members_of(N_ROWS, 2)
-    batch, class_batches = 8, 2
-    widths = data.width_classes([m.fit_idx for m in members], batch, class_batches)
-    assert len(widths) > 1
-    plan = data.plan  # the eager run gets the graphed run's plans
-    monkeypatch.setattr(data, "plan", lambda *args, **kwargs: plan(
-        *args, **{**kwargs, "widths": widths}))
-    logs, preds = {}, {}
+    batch = 8
+    logs, preds, widths = {}, {}, Counter()  # the graphed run's steps per width
     for graphs in (False, True):
         cfg = training.TrainConfig("regression", 3, batch_size=batch,
-                                   cuda_graphs=graphs,
-                                   graph_class_batches=class_batches, **EXACT)
+                                   cuda_graphs=graphs, **EXACT)
         state = training.new_train_state("roostformer", data, members, cfg,
                                          frac_encoding_dims=16, **TINY)
         logs[graphs] = []
+        plan = data.plan
+        if graphs:
+            def counting(*args, plan=plan):  # training plans (with rngs) only
+                made = plan(*args)
+                widths.update(made.width if len(args) > 2 else [])
+                return made
+
+            monkeypatch.setattr(data, "plan", counting)
         training.train(state, data, cfg, progress=False,
                        on_epoch_end=lambda _, m, log=logs[graphs]: log.append(m))
+        monkeypatch.setattr(data, "plan", plan)
         preds[graphs] = np.stack(training.predict(state, data, [np.arange(N_ROWS)] * 2,
                                                   cfg))
-        assert state.scheduler.last_epoch == 3 * len(plan([m.fit_idx for m in members],
-                                                          batch, widths=widths))
-    assert sorted(captured) == widths  # one graph per class, each captured once
+        assert state.scheduler.last_epoch == 3 * training.steps_per_epoch(members,
+                                                                          batch)
+    # one graph per width, captured once, after its warm-up steps
+    assert len(captured) > 1
+    assert sorted(captured) == sorted(
+        w for w, n in widths.items() if n > training.GraphedStep.WARMUP_STEPS)
     for eager, graph in zip(logs[False], logs[True], strict=True):
         assert eager["lr"] == pytest.approx(graph["lr"], rel=1e-6)
     first = [logs[g][0]["train_loss"] for g in (False, True)]
