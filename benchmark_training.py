@@ -49,8 +49,10 @@ from mat_bench.runs import DEFAULTS, TORCH_FEEDFORWARD
 CASES = {
     "roostformer-expt_gap": ("roostformer", "matbench_expt_gap"),
     "roostformer-mp_e_form": ("roostformer", "matbench_mp_e_form"),
+    "roostformer-dielectric": ("roostformer", "matbench_dielectric"),  # 1-6 elements
     "wrenformer-phonons": ("wrenformer", "matbench_phonons"),
 }
+DEFAULT_CASES = ("roostformer-expt_gap", "roostformer-mp_e_form", "wrenformer-phonons")
 MODEL = {"d_model": DEFAULTS["d_model"], "n_attn_layers": DEFAULTS["n_attn_layers"],
          "n_attn_heads": DEFAULTS["n_attn_heads"]}
 LEARNING_RATE = DEFAULTS["learning_rate"]  # (the speed does not depend on it)
@@ -295,7 +297,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES),
+                        choices=list(CASES))
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
     parser.add_argument("--device", default="cpu")

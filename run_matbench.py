@@ -444,6 +444,164 @@ def fold_results(fold: int, members: Sequence[Any], member_preds: Sequence[np.nd
     return entry, preds_entry
 
 
+def check_request(model: str, task: str, folds: Sequence[int], ensemble: int,
+                  run_name: str | None, out_dir: Path, device: str | None,
+                  wandb: str, checkpoint: str, hyperparams: dict[str, Any]
+                  ) -> tuple[dict[str, Any], str]:
+    """Step 1, before anything is loaded or written: UserError for any argument a
+    run cannot take, or a results file it could not merge into. Returns the run's
+    hyperparameters (runs.DEFAULTS completed) and its name."""
+    hyperparams = {RENAMED.get(key, key): value for key, value in hyperparams.items()}
+    unknown = set(hyperparams) - set(DEFAULTS)
+    if unknown:
+        raise UserError(f"unknown hyperparameters: {sorted(unknown)}")
+    params = {**DEFAULTS, **hyperparams}
+    params["embedding_aggregations"] = tuple(params["embedding_aggregations"])
+    check_folds(folds, ensemble)
+    for fold in folds:
+        check_args(model, task, fold, params, wandb, checkpoint)
+    check_device(device)
+    run_name = default_run_name(model) if run_name is None else run_name
+    check_run_name(run_name)
+    check_out_dir(out_dir)
+    for path in (scores_path(out_dir, run_name), preds_path(out_dir, run_name, task)):
+        read_json_results(path)  # refuse unreadable files before training
+    return params, run_name
+
+
+def open_device(device: str | None, model: str, cuda_graphs: bool) -> Any:
+    """The torch device to train on (None: a CUDA GPU if torch sees one, else the
+    CPU); UserError if this machine lacks it or it cannot take CUDA graphs."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch sees no CUDA GPU: use --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {device} but torch sees {torch.cuda.device_count()} "
+                        f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}: "
+                        "choose one of those")
+    dev = torch.device(device)
+    if cuda_graphs and (dev.type != "cuda" or model != "roostformer"):
+        raise UserError("--cuda-graphs needs --device cuda and --model roostformer: "
+                        "drop --cuda-graphs")
+    return dev
+
+
+def task_data(model: str, task: str, rows: pd.DataFrame, input_col: str,
+              dev: Any) -> Any:
+    """The rows' tokens and targets on the device (training.TaskData); UserError,
+    naming the command that rebuilds the file, for an input the model cannot read."""
+    from mat_bench.training import TaskData, tokenize
+
+    classify = TASK_INFO[task].task_type == "classification"
+    try:
+        tokens = tokenize(model, list(rows[input_col]))
+    except ValueError as exc:
+        raise UserError(f"{task}'s featurized file holds an input {model} cannot "
+                        f"read: {exc}; rebuild it with `python featurize_matbench.py "
+                        f"--tasks {task} --force`") from exc
+    targets = rows.target.to_numpy().astype(np.int64 if classify else np.float32)
+    return TaskData(tokens, targets, dev)
+
+
+def train_config(params: dict[str, Any], task_type: str, dev: Any,
+                 cuda_graphs: bool) -> Any:
+    """The run's training.TrainConfig; warns where --amp would be slow."""
+    from mat_bench.training import TrainConfig, cpu_has_fast_bf16
+
+    cfg = TrainConfig(
+        task_type=task_type, epochs=params["epochs"], batch_size=params["batch_size"],
+        learning_rate=params["learning_rate"], weight_decay=params["weight_decay"],
+        warmup_frac=params["warmup_frac"], robust=params["robust"],
+        gate=params["gate"] and task_type == "regression",
+        frac_jitter=params["frac_jitter"],
+        amp=dev.type == "cuda" if params["amp"] is None else params["amp"],
+        cuda_graphs=cuda_graphs,
+    )
+    if cfg.amp and dev.type == "cpu" and not cpu_has_fast_bf16():
+        print("warning: this CPU has no native bf16 (AVX-512 or ARM bf16), so --amp "
+              "will train slower than fp32: drop --amp", file=sys.stderr, flush=True)
+    return cfg
+
+
+def describe_run(model: str, task: str, folds: Sequence[int], ensemble: int,
+                 run_name: str, params: dict[str, Any], dev: Any, cuda_graphs: bool,
+                 state: Any) -> dict[str, Any]:
+    """What each fold's scores entry (and W&B) records of the run: its arguments,
+    hyperparameters, machine, code and SLURM job."""
+    import torch
+
+    slurm = {var.lower(): os.environ[var] for var in SLURM_VARS if var in os.environ}
+    return {
+        "model": model, "task": task, "folds": list(folds), "ensemble": ensemble,
+        "run_name": run_name, **params,
+        "embedding_aggregations": list(params["embedding_aggregations"]),
+        "device": str(dev),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "cuda_graphs": cuda_graphs, "stacked_members": len(state.members),
+        "n_params": sum(p.numel() for p in state.model.parameters())
+        // len(state.members),
+        "hostname": socket.gethostname(), "platform": platform.platform(),
+        "torch_version": torch.__version__, "git_commit": git_commit(), **slurm,
+    }
+
+
+def test_and_record(state: Any, data: Any, cfg: Any, df: pd.DataFrame,
+                    rows: pd.DataFrame, input_col: str,
+                    fold_ids: dict[int, tuple[Any, Any]], aggregation: str,
+                    labels_at: dict[int, float], validation: dict[int, dict[str, Any]],
+                    run_params: dict[str, Any], prep_seconds: float,
+                    preds_file: Path, scores_file: Path) -> dict[int, dict[str, Any]]:
+    """Step 7: predict each fold's test set with its members, and merge each fold's
+    predictions and scores entry (ensemble and members, validation, learning
+    curves, timings, run parameters) into the run's files. Returns the entries."""
+    from mat_bench.training import predict
+
+    members = state.members
+    position = pd.Series(np.arange(len(rows)), index=rows.index)
+    test_dfs = {fold: df.loc[test_ids] for fold, (_, test_ids) in fold_ids.items()}
+    test_ok = {fold: test_df[input_col].notna().to_numpy()
+               for fold, test_df in test_dfs.items()}
+    test_rows = {fold: position.loc[test_df.index[test_ok[fold]]].to_numpy()
+                 for fold, test_df in test_dfs.items()}
+    member_preds = predict(state, data, [test_rows[m.fold] for m in members], cfg)
+    n_samples = state.epoch * sum(len(m.fit_idx) for m in members)
+    entries = {}
+    for fold, test_df in test_dfs.items():
+        idx = [m for m, member in enumerate(members) if member.fold == fold]
+        val = validation.get(fold, {})
+        entry, preds_entry = fold_results(
+            fold, [members[m] for m in idx], [member_preds[m] for m in idx], test_df,
+            test_ok[fold], rows, cfg.task_type, aggregation,
+            val.get("threshold", labels_at[fold]))
+        for member, val_score in zip(entry.get("members", []),
+                                     val.pop("val_members", []), strict=True):
+            member["val"] = val_score
+        entry.update(val)
+        if state.val_curve:  # each member's validation score every 10 epochs
+            entry["val_curve"] = {
+                "epochs": [epoch for epoch, _ in state.val_curve],
+                "members": [[float(f"{scores[m]:.5g}") for _, scores in state.val_curve]
+                            for m in idx]}
+        entry.update({
+            "aggregation": aggregation,  # of the members' predictions
+            "n_train": len(members[idx[0]].fit_idx),
+            "n_val": len(members[idx[0]].val_idx), "n_test": len(test_df),
+            "n_test_unlabelled": int((~test_ok[fold]).sum()), "epochs": state.epoch,
+            "train_seconds": round(state.train_seconds, 2),  # of the stacked run
+            "prep_seconds": round(prep_seconds, 2),
+            "samples_per_sec": round(n_samples / max(state.train_seconds, 1e-9), 1),
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+            "params": run_params,
+        })
+        merge_fold_results(preds_file, scores_file, run_params["task"],
+                           {fold: (preds_entry, entry)})
+        entries[fold] = entry
+    return entries
+
+
 def run_matbench(
     model: str,
     task: str,
@@ -468,78 +626,28 @@ def run_matbench(
     Hyperparameters not given take runs.DEFAULTS."""
     # 1. arguments, before anything is loaded or written
     folds = [folds] if isinstance(folds, int) else list(folds)
-    hyperparams = {RENAMED.get(key, key): value for key, value in hyperparams.items()}
-    unknown = set(hyperparams) - set(DEFAULTS)
-    if unknown:
-        raise UserError(f"unknown hyperparameters: {sorted(unknown)}")
-    params = {**DEFAULTS, **hyperparams}
-    params["embedding_aggregations"] = tuple(params["embedding_aggregations"])
-    check_folds(folds, ensemble)
-    for fold in folds:
-        check_args(model, task, fold, params, wandb, checkpoint)
-    check_device(device)
-    run_name = default_run_name(model) if run_name is None else run_name
-    check_run_name(run_name)
     out_dir = Path(out_dir)
-    check_out_dir(out_dir)
-    scores_file, preds_file = scores_path(out_dir, run_name), preds_path(out_dir,
-                                                                         run_name, task)
-    for path in (scores_file, preds_file):  # refuse unreadable files before training
-        read_json_results(path)
+    params, run_name = check_request(model, task, folds, ensemble, run_name, out_dir,
+                                     device, wandb, checkpoint, hyperparams)
+    scores_file, preds_file = (scores_path(out_dir, run_name),
+                               preds_path(out_dir, run_name, task))
 
     # 2. data: the task's rows, each member's training and validation split
     df, input_col, fold_ids = load_task(model, task, folds)
     task_type = TASK_INFO[task].task_type
     members, rows = split_members(df, input_col, fold_ids, ensemble, params["seed"],
                                   params["val_fraction"])
-
-    import torch
-
-    from mat_bench.training import (
-        TaskData,
-        TrainConfig,
-        cpu_has_fast_bf16,
-        new_train_state,
-        predict,
-        tokenize,
-    )
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but torch sees no CUDA GPU: use --device cpu")
-    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
-        raise UserError(f"--device {device} but torch sees {torch.cuda.device_count()} "
-                        f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}: "
-                        "choose one of those")
-    dev = torch.device(device)
-    if cuda_graphs and (dev.type != "cuda" or model != "roostformer"):
-        raise UserError("--cuda-graphs needs --device cuda and --model roostformer: "
-                        "drop --cuda-graphs")
+    dev = open_device(device, model, cuda_graphs)
     t_start = time.perf_counter()
-    target_dtype = np.int64 if task_type == "classification" else np.float32
-    try:
-        tokens = tokenize(model, list(rows[input_col]))
-    except ValueError as exc:
-        raise UserError(f"{task}'s featurized file holds an input {model} cannot "
-                        f"read: {exc}; rebuild it with `python featurize_matbench.py "
-                        f"--tasks {task} --force`") from exc
-    data = TaskData(tokens, rows.target.to_numpy().astype(target_dtype), dev)
+    data = task_data(model, task, rows, input_col, dev)
     prep_seconds = time.perf_counter() - t_start
 
-    # 3. model and optimizer state, resumed from a checkpoint if one exists
-    cfg = TrainConfig(
-        task_type=task_type, epochs=params["epochs"], batch_size=params["batch_size"],
-        learning_rate=params["learning_rate"], weight_decay=params["weight_decay"],
-        warmup_frac=params["warmup_frac"], robust=params["robust"],
-        gate=params["gate"] and task_type == "regression",
-        frac_jitter=params["frac_jitter"],
-        amp=dev.type == "cuda" if params["amp"] is None else params["amp"],
-        cuda_graphs=cuda_graphs,
-    )
-    if cfg.amp and dev.type == "cpu" and not cpu_has_fast_bf16():
-        print("warning: this CPU has no native bf16 (AVX-512 or ARM bf16), so --amp "
-              "will train slower than fp32: drop --amp", file=sys.stderr, flush=True)
+    # 3. model and optimizer state (every member stacked), and what the run records
+    import torch
+
+    from mat_bench.training import new_train_state
+
+    cfg = train_config(params, task_type, dev, cuda_graphs)
     state = new_train_state(model, data, members, cfg,
                             **{key: params[key] for key in MODEL_KEYS})
     torch.manual_seed(params["seed"])  # dropout
@@ -548,21 +656,10 @@ def run_matbench(
                  "members": [(m.fold, m.seed) for m in members]}
     if checkpoint == "local":
         check_checkpoint_space(ckpt_path, state)
-    # 4. bookkeeping: run parameters
-    slurm = {var.lower(): os.environ[var] for var in SLURM_VARS if var in os.environ}
-    run_params = {
-        "model": model, "task": task, "folds": folds, "ensemble": ensemble,
-        "run_name": run_name, **params,
-        "embedding_aggregations": list(params["embedding_aggregations"]),
-        "device": str(dev),
-        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-        "cuda_graphs": cuda_graphs, "stacked_members": len(members),
-        "n_params": sum(p.numel() for p in state.model.parameters()) // len(members),
-        "hostname": socket.gethostname(), "platform": platform.platform(),
-        "torch_version": torch.__version__, "git_commit": git_commit(), **slurm,
-    }
+    run_params = describe_run(model, task, folds, ensemble, run_name, params, dev,
+                              cuda_graphs, state)
 
-    # 5. resume, then train (one process per checkpoint; W&B only once it holds it),
+    # 4. resume, then train (one process per checkpoint; W&B only once it holds it),
     # checkpointing every 10 epochs (2 minutes at least); Ctrl-C and SIGTERM stop
     # cleanly. The results below are the same whoever writes them.
     with training_lock(ckpt_path if checkpoint == "local" else None):
@@ -577,53 +674,19 @@ def run_matbench(
                       else None, ckpt_meta=ckpt_meta, wandb_run=wandb_run,
                       progress=progress)
 
-    # 6. each fold's ensemble on its validation split: the label threshold is
+    # 5. each fold's ensemble on its validation split: the label threshold is
     # chosen here, never on the test fold
     aggregation = (AUTO_AGGREGATION[task_type] if params["ensemble_aggregation"]
                    == "auto" else params["ensemble_aggregation"])
     labels_at, validation = validate_folds(state, data, cfg, members,
                                            rows.target.to_numpy(), aggregation, params)
 
-    # 7. predict each fold's test set and write its results
+    # 6. test each fold's ensemble and write its results
+    entries = test_and_record(state, data, cfg, df, rows, input_col, fold_ids,
+                              aggregation, labels_at, validation, run_params,
+                              prep_seconds, preds_file, scores_file)
     metric = TASK_INFO[task].metric
-    position = pd.Series(np.arange(len(rows)), index=rows.index)
-    test_dfs = {fold: df.loc[test_ids] for fold, (_, test_ids) in fold_ids.items()}
-    test_ok = {fold: test_df[input_col].notna().to_numpy()
-               for fold, test_df in test_dfs.items()}
-    test_rows = {fold: position.loc[test_df.index[test_ok[fold]]].to_numpy()
-                 for fold, test_df in test_dfs.items()}
-    member_preds = predict(state, data, [test_rows[m.fold] for m in members], cfg)
-    entries = {}
-    for fold, test_df in test_dfs.items():
-        idx = [m for m, member in enumerate(members) if member.fold == fold]
-        val = validation.get(fold, {})
-        entry, preds_entry = fold_results(
-            fold, [members[m] for m in idx], [member_preds[m] for m in idx], test_df,
-            test_ok[fold], rows, task_type, aggregation,
-            val.get("threshold", labels_at[fold]))
-        for member, val_score in zip(entry.get("members", []),
-                                     val.pop("val_members", []), strict=True):
-            member["val"] = val_score
-        entry.update(val)
-        if state.val_curve:  # each member's validation score every 10 epochs
-            entry["val_curve"] = {
-                "epochs": [epoch for epoch, _ in state.val_curve],
-                "members": [[float(f"{scores[m]:.5g}") for _, scores in state.val_curve]
-                            for m in idx]}
-        n_samples = state.epoch * sum(len(m.fit_idx) for m in members)
-        entry.update({
-            "aggregation": aggregation,  # of the members' predictions
-            "n_train": len(members[idx[0]].fit_idx),
-            "n_val": len(members[idx[0]].val_idx), "n_test": len(test_df),
-            "n_test_unlabelled": int((~test_ok[fold]).sum()), "epochs": state.epoch,
-            "train_seconds": round(state.train_seconds, 2),  # of the stacked run
-            "prep_seconds": round(prep_seconds, 2),
-            "samples_per_sec": round(n_samples / max(state.train_seconds, 1e-9), 1),
-            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-            "params": run_params,
-        })
-        merge_fold_results(preds_file, scores_file, task, {fold: (preds_entry, entry)})
-        entries[fold] = entry
+    for fold, entry in entries.items():
         print(f"{model} {task} fold {fold}: test {metric} = {entry[metric]:.4g}"
               f"{f' (ensemble of {ensemble})' if ensemble > 1 else ''}", flush=True)
     print(f"{len(members)} members, {state.epoch} epochs in "
