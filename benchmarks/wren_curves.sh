@@ -10,7 +10,7 @@
 #   bash benchmarks/wren_curves.sh [OUT_DIR] [FLAGS ...]  # OUT_DIR: results/search
 # FLAGS go to every run, e.g. --device cuda on a GPU (where --amp is bf16 autocast,
 # CUDA's default anyway). After the two baselines come the candidates for
-# Wrenformer, each one run of the same protocol with one setting changed, named
+# Wrenformer, each one run of the same protocol with a setting or two changed, named
 # after it as run_folds.py --grid names it.
 set -euo pipefail
 out="${1:-results/search}"; shift || true
@@ -29,3 +29,11 @@ python run_folds.py --model wrenformer --run-name E-wrenformer "${common[@]}" \
 python run_folds.py --model wrenformer --run-name E-wrenformer "${common[@]}" \
     --grid dropout=0.1 --table "$tables/stageE_phonons_wrenformer_dropout.csv" \
     --curves "$tables/stageE_phonons_wrenformer_dropout_curves.csv"
+# dropout 0.1 gained 4.5% (README, stage E); next: more of it, and it with weight decay
+python run_folds.py --model wrenformer --run-name E-wrenformer "${common[@]}" \
+    --grid dropout=0.2 --table "$tables/stageE_phonons_wrenformer_dropout0.2.csv" \
+    --curves "$tables/stageE_phonons_wrenformer_dropout0.2_curves.csv"
+python run_folds.py --model wrenformer --run-name E-wrenformer "${common[@]}" \
+    --grid dropout=0.1 weight_decay=0.1 \
+    --table "$tables/stageE_phonons_wrenformer_dropout_wd.csv" \
+    --curves "$tables/stageE_phonons_wrenformer_dropout_wd_curves.csv"
