@@ -8,9 +8,11 @@
 # OUT/gpu_search.log. Runs it finished are skipped if it is called again on the same
 # machine.
 #   OUT=/some/folder bash benchmarks/gpu_search.sh
-# Back here, the tables come from the returned scores (validation only):
+# Back here, the tables come from the returned scores (validation only), copied
+# out of the read-only FILES_AT first:
+#   cp -r FILES_AT/search results/gpu_search
 #   python run_folds.py --model wrenformer --run-name E-wrenformer \
-#       --tasks matbench_phonons --per-task --out-dir FILES_AT/search \
+#       --tasks matbench_phonons --per-task --out-dir results/gpu_search \
 #       --grid dropout=0.2 --table T.csv --curves C.csv
 set -uo pipefail
 cd "$(dirname "$0")/.."
