@@ -515,6 +515,12 @@ class TaskData:
             for step, rank in enumerate(ranks):
                 if rank < len(batches):
                     mat[step, m, : len(batches[rank])] = batches[rank]
+        return self.plan_from(mat)
+
+    def plan_from(self, mat: np.ndarray) -> Plan:
+        """The plan whose step s gives member m the materials mat[s, m] (steps, M, B;
+        `pad` fills short batches), with Wrenformer's sequence rows."""
+        n_steps, n_members, batch_size = mat.shape
         real = mat != self.pad
         width = self.length[mat].max(axis=(1, 2)).tolist()
         plan = Plan(torch.as_tensor(mat, device=self.device),
@@ -524,7 +530,7 @@ class TaskData:
             seq_rows, owner_rows, bounds = [], [], [0]
             for step in range(n_steps):
                 seqs, owners = [], []
-                for m in range(len(per_member)):
+                for m in range(n_members):
                     batch = mat[step, m][real[step, m]]
                     counts = self.n_seq[batch]
                     seqs.append(expand_ranges(self.seq_start[batch], counts))

@@ -3,12 +3,14 @@ give every member its batch of the same length rank (today's `TaskData.plan`)
 against the same plan with each member's batches in its own random order (the
 order before, where a step is as wide as its widest member's batch). One model,
 one process, the two orders alternating epoch by epoch, so the machine's drift hits
-both alike; prints each epoch's seconds, the padded tokens per real token and the
-median ratio of the pairs as JSON.
+both alike; prints each epoch's seconds, the padded tokens per real token (a
+Wrenformer material counts once per equivalent Wyckoff sequence, each as long as
+its longest) and the median ratio of the pairs as JSON.
 
 Examples:
     python benchmarks/step_order.py --task matbench_dielectric --ensemble 5 --amp
     python benchmarks/step_order.py --task matbench_expt_gap --batch-size 32 --amp
+    python benchmarks/step_order.py --model wrenformer --task matbench_phonons --amp
 """
 
 from __future__ import annotations
@@ -27,20 +29,17 @@ from benchmark_training import MODEL, training_frame  # noqa: E402
 
 def independent_order(data, plan, rng: np.random.Generator):
     """The plan with each member's steps shuffled on their own, as before."""
-    import torch
-
-    from mat_bench.training import Plan
-
-    mat = plan.mat.clone()
+    mat = plan.mat.cpu().numpy().copy()
     for m in range(mat.shape[1]):
-        mat[:, m] = mat[torch.as_tensor(rng.permutation(len(plan))), m]
-    width = data.length[mat.numpy()].max(axis=(1, 2)).tolist()
-    return Plan(mat, (mat != data.pad).float(), width)
+        mat[:, m] = mat[rng.permutation(len(plan)), m]
+    return data.plan_from(mat)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="roostformer",
+                        choices=["roostformer", "wrenformer"])
     parser.add_argument("--task", default="matbench_dielectric")
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--ensemble", type=int, default=5)
@@ -54,19 +53,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from mat_bench import training
 
-    frames = [training_frame(args.task, "roostformer", None, fold=fold)
+    frames = [training_frame(args.task, args.model, None, fold=fold)
               for fold in args.folds]
     both = pd.concat(frames)
-    data = training.TaskData(training.tokenize("roostformer", list(both.inputs)),
+    data = training.TaskData(training.tokenize(args.model, list(both.inputs)),
                              both.target.to_numpy(np.float32), torch.device("cpu"))
     bounds = np.cumsum([0] + [len(df) for df in frames])
     members = [training.Member(f, s, np.arange(bounds[f], bounds[f + 1]), np.arange(0))
                for f in range(len(frames)) for s in range(args.ensemble)]
     cfg = training.TrainConfig("regression", 2 * args.pairs + 1,
                                batch_size=args.batch_size, amp=args.amp)
-    state = training.new_train_state("roostformer", data, members, cfg, **MODEL)
+    state = training.new_train_state(args.model, data, members, cfg, **MODEL)
     make_plan, rng = data.plan, np.random.default_rng(0)
-    real = sum(int(data.length[m.fit_idx].sum()) for m in members)
+    # tokens: Wrenformer encodes each material once per equivalent Wyckoff sequence
+    real = sum(int((data.length[m.fit_idx] * data.n_seq[m.fit_idx]).sum())
+               for m in members)
     rows: list[dict] = []
 
     def timed_epoch(order: str) -> None:
@@ -84,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         training.train(state, data, cfg, progress=False)
         seconds = time.perf_counter() - start
-        tokens = len(members) * args.batch_size * sum(plans[0].width)
+        rows_per_step = ([args.batch_size] * len(plans[0])
+                         if plans[0].seq_bounds is None
+                         else np.diff(plans[0].seq_bounds))  # sequences, padded
+        tokens = len(members) * sum(n * width for n, width in zip(
+            rows_per_step, plans[0].width, strict=True))
         rows.append({"order": order, "seconds": round(seconds, 3),
                      "padded_tokens_per_real": round(tokens / real, 3)})
         print(json.dumps(rows[-1]), flush=True)
@@ -98,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [ind["seconds"] / sh["seconds"] for sh, ind in zip(
         [r for r in rows if r["order"] == "shared"],
         [r for r in rows if r["order"] == "independent"], strict=True)]
-    print(json.dumps({"task": args.task, "members": len(members),
+    print(json.dumps({"model": args.model, "task": args.task,
+                      "members": len(members),
                       "batch_size": args.batch_size, "amp": args.amp,
                       "independent_over_shared_seconds": round(float(np.median(ratios)),
                                                                3),
