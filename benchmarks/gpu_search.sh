@@ -18,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:?set OUT to the folder for the results}"
 source benchmarks/gpu_env.sh
-work=/tmp/gpu_search  # checkpoints (about 200 MB a run) stay here
+work=results/gpu_search_runs  # git-ignored; checkpoints (about 200 MB a run) stay here
 start=$(date +%s)
 bash benchmarks/wren_curves.sh "$work" --device cuda 2>&1 | tee "$out/gpu_search.log"
 mkdir -p "$out/search"
