@@ -916,8 +916,7 @@ class GraphedStep:
              for s in range(total + 1)], device=dev)
         self.global_step = torch.tensor([scheduler.last_epoch], device=dev)
         self.loss_sum = torch.zeros(n_members, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # by width
-        self.replays: dict[int, Callable[[], None]] = {}
+        self.replays: dict[int, Callable[[], None]] = {}  # by width; keep their graphs
         self.eager_steps: dict[int, int] = {}
 
     def body(self, width: int) -> None:
@@ -950,7 +949,7 @@ class GraphedStep:
         replay. The gradients, allocated in the capture, are overwritten by each
         replay."""
         self.state.optimizer.zero_grad(set_to_none=True)
-        graph = self.graphs[width] = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.body(width)
         return graph.replay
@@ -970,9 +969,9 @@ class GraphedStep:
         for width in plan.width:
             if width in self.replays:
                 self.replays[width]()
-            elif self.eager_steps.get(width, 0) < self.WARMUP_STEPS:
+            elif (eager := self.eager_steps.get(width, 0)) < self.WARMUP_STEPS:
                 self.warmup_step(width)
-                self.eager_steps[width] = self.eager_steps.get(width, 0) + 1
+                self.eager_steps[width] = eager + 1
             else:
                 self.replays[width] = self.capture(width)
                 self.replays[width]()
