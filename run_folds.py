@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -82,11 +84,45 @@ def grid_runs(run_name: str, grid: Sequence[str]) -> list[tuple[str, list[str]]]
     return runs
 
 
-def run_job(cmd: list[str], log_path: Path) -> int:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log:
-        return subprocess.run(cmd, cwd=ROOT, stdout=log,
-                              stderr=subprocess.STDOUT).returncode
+class Jobs:
+    """Runs run_matbench.py jobs, a few at a time, each in its own session so that
+    this process alone hears Ctrl-C. SIGINT, SIGTERM or SIGHUP here is passed on
+    once (SIGHUP as SIGTERM) to the jobs running: each saves a checkpoint after its
+    epoch (with --checkpoint) and stops; no new job starts. A second signal is
+    passed on again, and stops them at once."""
+
+    def __init__(self) -> None:
+        self.running: set[subprocess.Popen] = set()
+        self.lock = threading.RLock()  # a second signal may arrive inside it
+        self.stop_signal: int | None = None
+
+    def run(self, cmd: list[str], log_path: Path) -> int | None:
+        """The job's exit code; None if it was not started (asked to stop)."""
+        with self.lock:
+            if self.stop_signal is not None:
+                return None
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as log:  # the job holds its own copy
+                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log,
+                                        stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            self.running.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.running.discard(proc)
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        with self.lock:
+            self.stop_signal = signum
+            running = list(self.running)
+        print(f"{signal.Signals(signum).name}: no new jobs; the running ones save a "
+              "checkpoint after this epoch (with --checkpoint) and stop (a second "
+              "signal stops them at once)", file=sys.stderr, flush=True)
+        passed = signal.SIGTERM if signum == signal.SIGHUP else signum
+        for proc in running:
+            proc.send_signal(passed)
 
 
 VALIDATION_COLUMNS = {  # validation metrics of a fold's scores entry, by task type
@@ -213,13 +249,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"{len(jobs)} jobs, {args.parallel} at a time", flush=True)
     start = time.perf_counter()
-    with ThreadPoolExecutor(args.parallel) as pool:
-        codes = list(pool.map(lambda job: run_job(*job), jobs))
+    runner = Jobs()
+    handlers = {sig: signal.signal(sig, runner.on_signal)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with ThreadPoolExecutor(args.parallel) as pool:
+            codes = list(pool.map(lambda job: runner.run(*job), jobs))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     failed = [log for (_, log), code in zip(jobs, codes, strict=True) if code]
-    print(f"{len(jobs) - len(failed)}/{len(jobs)} jobs done in "
+    print(f"{codes.count(0)}/{len(jobs)} jobs done in "
           f"{time.perf_counter() - start:.0f} s")
-    for log in failed:
-        print(f"failed: see {os.path.relpath(log)}", file=sys.stderr)
+    for log in failed:  # a job stopped by a signal is not a failure
+        how = "stopped" if runner.stop_signal is not None else "failed"
+        print(f"{how}: see {os.path.relpath(log)}", file=sys.stderr)
+    if runner.stop_signal is not None:
+        print(f"stopped by {signal.Signals(runner.stop_signal).name}: "
+              f"{codes.count(None)} jobs not started; the same command resumes "
+              "(recorded folds are skipped, checkpoints resume)", file=sys.stderr)
+        return 128 + runner.stop_signal
     if args.grid or args.table:
         table = validation_table(out_dir, [name for name, _ in runs])
         if len(table):

@@ -2,6 +2,12 @@
 run_folds.py's resumable multi-fold runs and validation-only grid search."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,6 +17,17 @@ from mat_bench.data import read_json_results
 from mat_bench.run_folds import main as folds_main
 
 TINY = ["--d-model", "32", "--n-heads", "2", "--n-attn-layers", "1", "--epochs", "1"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def kill_processes_naming(text: str) -> None:
+    """SIGKILL every process whose command line holds `text` (a test's leftovers)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_text():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
 
 
 def test_benchmark_runs_both_loops_on_a_tiny_slice(featurized, tmp_path, capsys):
@@ -94,6 +111,40 @@ def test_run_folds_per_task_stacks_the_missing_folds(featurized, tmp_path, capsy
     assert row["folds"] == 3 and row["val_mae"] == pytest.approx(
         sum(scores[f]["val_mae"] for f in ("fold_0", "fold_2", "fold_3")) / 3,
         rel=1e-4)  # the table holds 5 significant digits
+
+
+def test_run_folds_passes_sigterm_on_and_starts_no_new_job(featurized, tmp_path):
+    """`kill` run_folds.py: its running job saves a checkpoint after its epoch and
+    stops (it is not left training on its own), the next job never starts, nothing
+    is recorded, and run_folds.py says how to resume."""
+    import torch
+
+    featurized("matbench_steels")
+    cmd = [sys.executable, "run_folds.py", "--model", "roostformer", "--run-name",
+           "sig", "--tasks", "matbench_steels", "--folds", "0", "1", "--out-dir",
+           str(tmp_path), "--checkpoint", "local", *TINY[:-2], "--epochs", "100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("checkpoints/**/*.pt")):  # training, past epoch 10
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        kill_processes_naming(str(tmp_path))
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM: 1 jobs not started" in err
+    assert "the same command resumes" in err
+    logs = tmp_path / "job-logs"
+    assert "SIGTERM: saving a checkpoint after this epoch" in (
+        logs / "sig-matbench_steels-fold_0.log").read_text()
+    assert not (logs / "sig-matbench_steels-fold_1.log").exists()
+    assert not (tmp_path / "model_scores" / "sig.json").exists()
+    (ckpt,) = tmp_path.glob("checkpoints/**/*.pt")
+    assert torch.load(ckpt, weights_only=False)["epoch"] >= 10
 
 
 def test_run_folds_checks_every_flag_before_a_job_starts(tmp_path, capsys):
