@@ -47,6 +47,7 @@ from mat_bench.data import (
 )
 from mat_bench.runs import (
     MODELS,
+    PARENT_PID_ENV,
     check_run_args,
     check_run_name,
     done_pairs,
@@ -89,12 +90,15 @@ class Jobs:
     this process alone hears Ctrl-C. SIGINT, SIGTERM or SIGHUP here is passed on
     once (SIGHUP as SIGTERM) to the jobs running: each saves a checkpoint after its
     epoch (with --checkpoint) and stops; no new job starts. A second signal is
-    passed on again, and stops them at once."""
+    passed on again, and stops them at once. If this process dies, even by
+    SIGKILL, the jobs get SIGTERM (Linux; runs.stop_when_parent_dies)."""
 
     def __init__(self) -> None:
         self.running: set[subprocess.Popen] = set()
         self.lock = threading.RLock()  # a second signal may arrive inside it
         self.stop_signal: int | None = None
+        # a job stops (with a checkpoint) if this process dies, even by SIGKILL
+        self.env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
 
     def run(self, cmd: list[str], log_path: Path) -> int | None:
         """The job's exit code; None if it was not started (asked to stop)."""
@@ -105,7 +109,7 @@ class Jobs:
             with open(log_path, "a") as log:  # the job holds its own copy
                 proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log,
                                         stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, env=self.env)
             self.running.add(proc)
         try:
             return proc.wait()

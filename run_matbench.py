@@ -69,6 +69,7 @@ from mat_bench.runs import (
     fold_tag,
     preds_path,
     scores_path,
+    stop_when_parent_dies,
 )
 
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
@@ -712,6 +713,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    stop_when_parent_dies()
     args = vars(build_run_parser(__doc__).parse_args(argv))
     fold, folds = args.pop("fold"), args.pop("folds")
     fixed = {"model": args.pop("model"), "task": args.pop("task"),

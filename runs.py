@@ -11,6 +11,8 @@ import datetime
 import math
 import os
 import re
+import signal
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -451,6 +453,25 @@ TASK_VAR, FOLD_VAR, FOLDS_VAR = '"$TASK"', '"$FOLD"', "$FOLDS"
 def gpu_count(gpus_per_node: str) -> int:
     """The number in --gpus-per-node's `N` or `TYPE:N`."""
     return int(gpus_per_node.rsplit(":", 1)[-1])
+
+
+PARENT_PID_ENV = "MAT_BENCH_PARENT_PID"  # run_folds.py's PID, in its jobs' environment
+
+
+def stop_when_parent_dies() -> None:
+    """In a job of run_folds.py (which names itself in $MAT_BENCH_PARENT_PID): have
+    Linux send this process SIGTERM when run_folds.py dies, even by SIGKILL, so that
+    no training goes on alone; it then stops as on any SIGTERM (after its epoch,
+    with a checkpoint). Elsewhere, or on another OS, nothing."""
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if os.getppid() != int(parent):  # it died before the request
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_matbench_args(model: str, run_name: str, out_dir: str | os.PathLike,

@@ -20,13 +20,24 @@ TINY = ["--d-model", "32", "--n-heads", "2", "--n-attn-layers", "1", "--epochs",
 REPO = Path(__file__).resolve().parent.parent
 
 
-def kill_processes_naming(text: str) -> None:
-    """SIGKILL every process whose command line holds `text` (a test's leftovers)."""
+def pids_naming(text: str) -> list[int]:
+    """The processes whose command line holds `text`."""
+    pids = []
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and text in (proc / "cmdline").read_text():
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ValueError):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def kill_processes_naming(text: str) -> None:
+    """SIGKILL every process whose command line holds `text` (a test's leftovers)."""
+    for pid in pids_naming(text):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
             pass
 
 
@@ -113,24 +124,43 @@ def test_run_folds_per_task_stacks_the_missing_folds(featurized, tmp_path, capsy
         rel=1e-4)  # the table holds 5 significant digits
 
 
-def test_run_folds_passes_sigterm_on_and_starts_no_new_job(featurized, tmp_path):
-    """`kill` run_folds.py: its running job saves a checkpoint after its epoch and
-    stops (it is not left training on its own), the next job never starts, nothing
-    is recorded, and run_folds.py says how to resume."""
-    import torch
-
-    featurized("matbench_steels")
+def run_folds_past_a_checkpoint(out_dir: Path) -> subprocess.Popen:
+    """run_folds.py training folds 0 and 1 of steels one after the other (a tiny
+    model, too many epochs to end), returned once fold 0 has saved a checkpoint."""
     cmd = [sys.executable, "run_folds.py", "--model", "roostformer", "--run-name",
            "sig", "--tasks", "matbench_steels", "--folds", "0", "1", "--out-dir",
-           str(tmp_path), "--checkpoint", "local", *TINY[:-2], "--epochs", "100000"]
+           str(out_dir), "--checkpoint", "local", *TINY[:-2], "--epochs", "100000"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out_dir.glob("checkpoints/**/*.pt")):  # past epoch 10
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.2)
+    return proc
+
+
+def assert_fold_0_stopped_with_a_checkpoint(out_dir: Path) -> None:
+    """Fold 0's job saved a checkpoint on SIGTERM and stopped; fold 1 never started;
+    nothing is recorded."""
+    import torch
+
+    logs = out_dir / "job-logs"
+    assert "SIGTERM: saving a checkpoint after this epoch" in (
+        logs / "sig-matbench_steels-fold_0.log").read_text()
+    assert not (logs / "sig-matbench_steels-fold_1.log").exists()
+    assert not (out_dir / "model_scores" / "sig.json").exists()
+    (ckpt,) = out_dir.glob("checkpoints/**/*.pt")
+    assert torch.load(ckpt, weights_only=False)["epoch"] >= 10
+
+
+def test_run_folds_passes_sigterm_on_and_starts_no_new_job(featurized, tmp_path):
+    """`kill` run_folds.py: its running job saves a checkpoint after its epoch and
+    stops, the next job never starts, nothing is recorded, and run_folds.py says how
+    to resume."""
+    featurized("matbench_steels")
     try:
-        deadline = time.monotonic() + 300
-        while not list(tmp_path.glob("checkpoints/**/*.pt")):  # training, past epoch 10
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.2)
+        proc = run_folds_past_a_checkpoint(tmp_path)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=300)
     finally:
@@ -138,13 +168,24 @@ def test_run_folds_passes_sigterm_on_and_starts_no_new_job(featurized, tmp_path)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM: 1 jobs not started" in err
     assert "the same command resumes" in err
-    logs = tmp_path / "job-logs"
-    assert "SIGTERM: saving a checkpoint after this epoch" in (
-        logs / "sig-matbench_steels-fold_0.log").read_text()
-    assert not (logs / "sig-matbench_steels-fold_1.log").exists()
-    assert not (tmp_path / "model_scores" / "sig.json").exists()
-    (ckpt,) = tmp_path.glob("checkpoints/**/*.pt")
-    assert torch.load(ckpt, weights_only=False)["epoch"] >= 10
+    assert_fold_0_stopped_with_a_checkpoint(tmp_path)
+
+
+def test_run_folds_killed_leaves_no_training_running(featurized, tmp_path):
+    """`kill -9` run_folds.py: its job is told (SIGTERM) and stops with a checkpoint
+    instead of training on alone."""
+    featurized("matbench_steels")
+    try:
+        proc = run_folds_past_a_checkpoint(tmp_path)
+        proc.kill()
+        proc.communicate(timeout=60)
+        deadline = time.monotonic() + 300
+        while pids_naming(str(tmp_path)):
+            assert time.monotonic() < deadline, "the job still runs 300 s later"
+            time.sleep(0.2)
+    finally:
+        kill_processes_naming(str(tmp_path))
+    assert_fold_0_stopped_with_a_checkpoint(tmp_path)
 
 
 def test_run_folds_checks_every_flag_before_a_job_starts(tmp_path, capsys):
