@@ -232,8 +232,12 @@ def result_row(table: pd.DataFrame, run: Results, task: str, entries: list[dict]
     best_comp = (f"{comp.iloc[0]['model']} {fmt(comp.iloc[0])}" if len(comp)
                  else "–")
     crabnet = published[published["model"] == "CrabNet"]
-    # rank among the published entries and this run alone
+    # rank among the published entries and this run alone; a partial run's mean
+    # is over fewer folds than theirs, so its rank is provisional
     rank = 1 + int((published["scaled_error"] < ours["scaled_error"]).sum())
+    rank_cell = f"{rank} of {len(published) + 1}" + (
+        " (provisional)" if len(entries) < N_FOLDS else "")
+    spread = f"{ours['std']:.2g}" if len(entries) > 1 else "–"
     params = entries[0].get("params", {})
     # a stacked run (--folds) trains its folds at once: its time is theirs
     seconds = np.mean([e.get("train_seconds", np.nan)
@@ -241,8 +245,8 @@ def result_row(table: pd.DataFrame, run: Results, task: str, entries: list[dict]
                        for e in entries])
     machine = params.get("gpu") or (f"{params.get('device', '?')}, torch "
                                     f"{params.get('torch_version', '?')}")
-    return (f"| {task} | {run.name} | {ours['folds']} | {fmt(ours)} ± "
-            f"{ours['std']:.2g} | {rank} of {len(published) + 1} | "
+    return (f"| {task} | {run.name} | {ours['folds']} | {fmt(ours)} ± {spread} | "
+            f"{rank_cell} | "
             + (f"{best['model']} {fmt(best)}" if best is not None else "–")
             + f" | {best_comp} | {fmt(crabnet.iloc[0]) if len(crabnet) else '–'} | "
             f"{params.get('epochs', '?')} | {seconds:.0f} s | {machine} |")

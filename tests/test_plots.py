@@ -194,6 +194,11 @@ def test_whole_leaderboard_ranks_entries_without_predictions(plots):
     assert results.index("Earlier runs") < results.index(f"| {STEELS}")
     row = next(line for line in results.splitlines() if line.startswith(f"| {STEELS}"))
     assert f"| {rank} of {len(published) + 1} |" in row
+    # the partial run (3 of 5 folds) is ranked, but marked provisional
+    partial = next(line for line in results.splitlines()
+                   if line.startswith(f"| {IS_METAL}"))
+    assert "| 3/5 |" in partial and " (provisional) |" in partial
+    assert "(provisional)" not in row
     best = published.iloc[0]  # on a composition task every entry is composition-only
     assert row.count(f"{best['model']} {best['mean']:.4g}") == 2
     html = (out_dir / "leaderboard.html").read_text()
