@@ -183,7 +183,9 @@ def save_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
             "scheduler_state": state.scheduler.state_dict(),
             "norm_mean": state.norm_mean.cpu(), "norm_std": state.norm_std.cpu(),
             "epoch": state.epoch, "train_seconds": state.train_seconds,
-            "val_curve": state.val_curve,
+            "val_curve": state.val_curve, "val_curve_preds": state.val_curve_preds,
+            "weight_average": [w.cpu() for w in state.weight_average],
+            "n_averaged": state.n_averaged,
         }, tmp)
 
 
@@ -191,7 +193,7 @@ def check_checkpoint_space(path: Path, state: Any) -> None:
     """UserError before training if the checkpoint's disk lacks room for one more
     checkpoint (each is written beside the last before it replaces it)."""
     weight_bytes = sum(p.numel() * p.element_size() for p in state.model.parameters())
-    need = 3 * weight_bytes  # the weights and AdamW's two moments
+    need = 4 * weight_bytes  # the weights, AdamW's two moments and their average
     # the nearest folder that exists: nothing is made before training starts
     free = shutil.disk_usage(next(p for p in path.parents if p.exists())).free
     if free < need:
@@ -249,7 +251,12 @@ def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None
     state.norm_mean.copy_(saved["norm_mean"])
     state.norm_std.copy_(saved["norm_std"])
     state.epoch, state.train_seconds = saved["epoch"], saved["train_seconds"]
-    state.val_curve = saved.get("val_curve", [])  # older checkpoints: from here on
+    # older checkpoints lack these: the curve and the average go on from here
+    state.val_curve = saved.get("val_curve", [])
+    state.val_curve_preds = saved.get("val_curve_preds", [])
+    state.weight_average = [w.to(state.norm_mean.device)
+                            for w in saved.get("weight_average", [])]
+    state.n_averaged = saved.get("n_averaged", 0)
 
 
 def train_or_stop(state: Any, data: Any, cfg: Any, *, ckpt_path: Path | None,
@@ -372,13 +379,50 @@ def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
     return out
 
 
+def epoch_choice_validation(curve_preds: np.ndarray, curve_epochs: Sequence[int],
+                            targets: np.ndarray, task_type: str, aggregation: str,
+                            seed: int = 0) -> dict[str, Any]:
+    """What choosing each member's epoch on validation would buy, measured without
+    bias (cross-fitted), from the members' validation predictions at the curve's
+    epochs, `curve_preds` (epochs, members, materials): the split is halved at
+    random, each member's epoch is its best on one half and the ensemble of the
+    chosen epochs is scored on the other half, then the halves swap. Returns that
+    score (`chosen`) beside the last curve epoch's on the same halves (`final`), and
+    each half's chosen epochs."""
+    from mat_bench.training import score
+
+    metric = VAL_METRICS[task_type]
+    sign = 1 if metric == "mae" else -1  # lower is better after the sign
+    half = np.random.default_rng(seed).permutation(len(targets)) % 2 == 0
+    members = np.arange(curve_preds.shape[1])
+    out: dict[str, Any] = {"metric": metric, "chosen": [], "final": [], "epochs": []}
+    for pick in (half, ~half):
+        judge = ~pick
+        if task_type == "classification" and any(
+                len(np.unique(targets[part])) < 2 for part in (pick, judge)):
+            return {}  # a half without both classes has no ROC-AUC
+        on_pick = np.array([[sign * score(targets[pick], curve_preds[t, m, pick],
+                                          task_type)[metric]
+                             for t in range(len(curve_epochs))] for m in members])
+        best = on_pick.argmin(axis=1)
+        out["epochs"].append([int(curve_epochs[t]) for t in best])
+        for key, preds in (("chosen", curve_preds[best, members]),
+                           ("final", curve_preds[-1])):
+            out[key].append(score(targets[judge], aggregate(preds[:, judge],
+                                                            aggregation),
+                                  task_type)[metric])
+    out["chosen"], out["final"] = np.mean(out["chosen"]), np.mean(out["final"])
+    return out
+
+
 def validate_folds(state: Any, data: Any, cfg: Any, members: Sequence[Any],
                    targets: np.ndarray, aggregation: str, params: dict[str, Any]
                    ) -> tuple[dict[int, float], dict[int, dict[str, Any]]]:
     """Each fold's label threshold (classification: its training split's share of
     class 1 with --prior-threshold, else CLASS_THRESHOLD) and the validation record
     of its ensemble (none without a validation split), which with --val-threshold
-    chooses the threshold instead: never the test fold."""
+    chooses the threshold instead: never the test fold. The record also holds the
+    epoch levers measured beside the recipe (measure_epoch_levers)."""
     from mat_bench.training import predict
 
     folds = list(dict.fromkeys(m.fold for m in members))
@@ -396,7 +440,45 @@ def validate_folds(state: Any, data: Any, cfg: Any, members: Sequence[Any],
                 np.stack([val_preds[m] for m in idx]),
                 targets[members[idx[0]].val_idx], cfg.task_type, aggregation,
                 params["val_threshold"] and classify, fit_share[fold], labels_at[fold])
+        measure_epoch_levers(state, data, cfg, members, targets, aggregation,
+                             validation)
     return labels_at, validation
+
+
+def measure_epoch_levers(state: Any, data: Any, cfg: Any, members: Sequence[Any],
+                         targets: np.ndarray, aggregation: str,
+                         validation: dict[int, dict[str, Any]]) -> None:
+    """Two levers measured on each fold's validation split beside the recipe, which
+    they do not change: the weights averaged over the last epochs (`val_swa`, SWA
+    as in CrabNet) and each member's epoch chosen on validation
+    (`val_epoch_choice`, cross-fitted: epoch_choice_validation)."""
+    from mat_bench.training import predict, score, weights_swapped
+
+    metric = VAL_METRICS[cfg.task_type]
+    val_idx = [m.val_idx for m in members]
+    swa_preds = None
+    if state.n_averaged:
+        with weights_swapped(state, state.weight_average):
+            swa_preds = predict(state, data, val_idx, cfg)
+    for fold, record in validation.items():
+        idx = [m for m, member in enumerate(members) if member.fold == fold]
+        fold_targets = targets[val_idx[idx[0]]]
+        if swa_preds is not None:
+            preds = np.stack([swa_preds[m] for m in idx])
+            record["val_swa"] = {
+                "metric": metric, "epochs_averaged": state.n_averaged,
+                "ensemble": score(fold_targets, aggregate(preds, aggregation),
+                                  cfg.task_type)[metric],
+                "members": [score(fold_targets, pred, cfg.task_type)[metric]
+                            for pred in preds]}
+        if len(state.val_curve_preds) > 1:
+            curve = np.stack([np.stack([preds[m] for m in idx])
+                              for _, preds in state.val_curve_preds])
+            choice = epoch_choice_validation(
+                curve, [epoch for epoch, _ in state.val_curve_preds], fold_targets,
+                cfg.task_type, aggregation)
+            if choice:
+                record["val_epoch_choice"] = choice
 
 
 def fold_results(fold: int, members: Sequence[Any], member_preds: Sequence[np.ndarray],

@@ -14,8 +14,8 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -33,6 +33,9 @@ from mat_bench import CLASS_THRESHOLD, VAL_METRICS
 from mat_bench.runs import CHOICES, DEFAULTS, TORCH_FEEDFORWARD
 
 VAL_CURVE_EPOCHS = 10  # a run records its members' validation scores this often
+# the last quarter of the epochs: the window of the weight average (SWA) that a run
+# measures on validation beside its recipe, whose predictions stay the last epoch's
+SWA_FRACTION = 0.25
 ELEM_DIM, WYCKOFF_DIM = 200, 444  # matscholar200 and bra-alg-off embedding sizes
 # attention kernels scaled_dot_product_attention may pick on CUDA (SDPBackend
 # members; None: torch's own choice). For these short sequences (a material's
@@ -817,8 +820,47 @@ class TrainState:
     train_seconds: float = 0.0
     # every VAL_CURVE_EPOCHS epochs: (epoch, each member's validation score)
     val_curve: list[tuple[int, list[float]]] = field(default_factory=list)
+    # at the same epochs, each member's validation predictions (float32)
+    val_curve_preds: list[tuple[int, list[np.ndarray]]] = field(default_factory=list)
+    # the members' weights averaged over the epochs after swa_start (SWA), and over
+    # how many epochs: measured on validation only
+    weight_average: list[Tensor] = field(default_factory=list)
+    n_averaged: int = 0
     bf16: Bf16Copy | None = None  # bf16 compute copy (amp on a CPU)
     graph: GraphedStep | None = None  # the captured step (cuda_graphs)
+
+
+def swa_start(epochs: int) -> int:
+    """The epoch after which the weight average begins: the last SWA_FRACTION of
+    `epochs` (at least the last one) are averaged."""
+    return epochs - max(1, math.ceil(epochs * SWA_FRACTION))
+
+
+@torch.no_grad()
+def average_weights(state: TrainState) -> None:
+    """Add the model's weights now to state.weight_average, a running mean (the
+    members' stacked weights stay apart, so each member averages its own)."""
+    params = [p.detach() for p in state.model.parameters()]
+    state.n_averaged += 1
+    if state.n_averaged == 1:
+        state.weight_average = [p.clone() for p in params]
+    else:
+        torch._foreach_lerp_(state.weight_average, params, 1 / state.n_averaged)
+
+
+@contextmanager
+def weights_swapped(state: TrainState, weights: Sequence[Tensor]) -> Iterator[None]:
+    """Within the block the model holds `weights` (e.g. state.weight_average);
+    its own come back after it, exactly."""
+    params = list(state.model.parameters())
+    with torch.no_grad():
+        kept = [p.detach().clone() for p in params]
+        torch._foreach_copy_(params, list(weights))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, kept)
 
 
 def steps_per_epoch(members: Sequence[Member], batch_size: int) -> int:
@@ -1040,7 +1082,11 @@ def train(state: TrainState, data: TaskData, cfg: TrainConfig, *,
             metrics[f"val_{metric}_members"] = val
             if (epoch + 1) % VAL_CURVE_EPOCHS == 0 or epoch + 1 == cfg.epochs:
                 state.val_curve.append((epoch + 1, val))
+                state.val_curve_preds.append(
+                    (epoch + 1, [p.astype(np.float32) for p in val_preds]))
         state.epoch = epoch + 1
+        if state.epoch > swa_start(cfg.epochs):
+            average_weights(state)
         pbar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()
                           if k != "lr" and not isinstance(v, list)})
         if on_epoch_end is not None and on_epoch_end(state.epoch, metrics):

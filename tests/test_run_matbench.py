@@ -27,6 +27,7 @@ from mat_bench.data import (
 )
 from mat_bench.run_matbench import (
     aggregate,
+    epoch_choice_validation,
     fold_validation,
     run_matbench,
     split_members,
@@ -711,3 +712,69 @@ def test_run_records_threshold_and_ensemble_validation(featurized, tmp_path):
     assert 0 <= entry["val_balanced_accuracy_prior"] <= 1
     assert all("val" in member for member in entry["members"])
     assert entry["params"]["val_threshold"] and entry["params"]["frac_jitter"] == 0.02
+
+
+# --- epoch levers measured beside the recipe: SWA, the epoch chosen on validation --
+def test_epoch_choice_is_cross_fitted():
+    """Each member's epoch is chosen on one half of the validation split and scored
+    on the other: an epoch that is perfect on one half only does not score as
+    perfect."""
+    n = 40
+    targets = np.linspace(0.0, 4.0, n)
+    half = np.random.default_rng(0).permutation(n) % 2 == 0
+    lucky = targets + np.where(half, 0.0, 5.0)  # exact on one half, 5 off on the other
+    steady = targets + 1.0
+    final = targets + 2.0
+    curve = np.stack([np.stack([lucky] * 2), np.stack([steady] * 2),
+                      np.stack([final] * 2)])  # (epochs, members, materials)
+    out = epoch_choice_validation(curve, [10, 20, 30], targets, "regression", "mean")
+    assert out["epochs"] == [[10, 10], [20, 20]]  # chosen on `half`, then on ~half
+    assert out["chosen"] == pytest.approx((5.0 + 1.0) / 2)
+    assert out["final"] == pytest.approx(2.0) and out["metric"] == "mae"
+    labels = np.array([1] * n)
+    assert epoch_choice_validation(curve, [10, 20, 30], labels, "classification",
+                                   "mean") == {}  # one class: no ROC-AUC
+
+
+def test_run_records_epoch_levers_across_a_resume(featurized, tmp_path, monkeypatch,
+                                                   capsys):
+    """A run records, per fold and on validation only, its members' weights
+    averaged over the last quarter of the epochs (val_swa) and the cross-fitted
+    epoch choice; a SIGTERM inside that window checkpoints the average, and the
+    resumed run averages on from it. The test predictions stay the last epoch's."""
+    featurized("matbench_steels")
+    argv = ["--model", "roostformer", "--task", "matbench_steels", "--fold", "0",
+            "--ensemble", "2", "--epochs", "12", "--batch-size", "32", "--out-dir",
+            str(tmp_path), "--run-name", "lev", "--checkpoint", "local",
+            "--no-progress", "--frac-jitter", "0",
+            *[str(x) for kv in TINY.items() for x in (f"--{kv[0].replace('_', '-')}",
+                                                     kv[1])]]
+    original = training.average_weights
+
+    def average_then_stop(state):
+        original(state)
+        if state.n_averaged == 2:  # after epoch 11 of the window 10-12
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(training, "average_weights", average_then_stop)
+    assert run_main(argv) == 128 + signal.SIGTERM
+    monkeypatch.setattr(training, "average_weights", original)
+    assert run_main(argv) == 0
+    assert "resuming matbench_steels fold_0 from epoch 11" in capsys.readouterr().out
+    entry = read_json_results(tmp_path / "model_scores" / "lev.json")[
+        "matbench_steels"]["fold_0"]
+    swa = entry["val_swa"]
+    assert swa["epochs_averaged"] == 3 and swa["metric"] == "mae"
+    assert len(swa["members"]) == 2 and all(map(math.isfinite, swa["members"]))
+    assert swa["ensemble"] != entry["val_mae"]  # other weights than the last epoch's
+    choice = entry["val_epoch_choice"]
+    assert [len(epochs) for epochs in choice["epochs"]] == [2, 2]
+    assert all(set(epochs) <= {10, 12} for epochs in choice["epochs"])
+    assert math.isfinite(choice["chosen"]) and math.isfinite(choice["final"])
+    import torch
+
+    saved = torch.load(tmp_path / "checkpoints" / "lev"
+                       / "matbench_steels-fold_0-ensemble_2.pt", weights_only=False)
+    assert saved["n_averaged"] == 3 and len(saved["weight_average"]) == len(
+        saved["model_state"])
+    assert [epoch for epoch, _ in saved["val_curve_preds"]] == [10, 12]

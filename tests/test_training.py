@@ -475,3 +475,44 @@ def test_wyckoff_features_scaled_to_their_largest_value():
     assert stacked.model_params["wyckoff_features"] == "max"
     with pytest.raises(ValueError, match="unknown Wyckoff feature scaling"):
         training.wyckoff_table("unit")
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_weight_average_is_the_mean_of_the_last_epochs(amp):
+    """The weight average measured beside the recipe (SWA) is the mean of each
+    member's weights at the end of the last quarter of the epochs, kept per member;
+    predicting with it inside weights_swapped leaves the model's own weights, and
+    so its predictions, exactly as they were."""
+    data = task_data("roostformer")
+    members = members_of(N_ROWS, 2)
+    cfg = training.TrainConfig("regression", 8, batch_size=32, amp=amp, **EXACT)
+    state = training.new_train_state("roostformer", data, members, cfg, **TINY)
+    assert training.swa_start(8) == 6 and training.swa_start(300) == 225
+    assert training.swa_start(1) == 0
+    seen: list[list[torch.Tensor]] = []
+
+    def keep(epoch, metrics):
+        seen.append([p.detach().clone() for p in state.model.parameters()])
+        return False
+
+    training.train(state, data, cfg, progress=False, on_epoch_end=keep)
+    assert state.n_averaged == 2
+    for avg, *at_epochs in zip(state.weight_average, *seen[6:], strict=True):
+        torch.testing.assert_close(avg, torch.stack(at_epochs).mean(0))
+    # each member averages its own weights: member 1's average is member 1's mean
+    first = next(n for n, p in state.model.named_parameters() if p.dim() > 1)
+    names = [n for n, _ in state.model.named_parameters()]
+    at = names.index(first)
+    torch.testing.assert_close(state.weight_average[at][1],
+                               (seen[6][at][1] + seen[7][at][1]) / 2)
+    test = [np.arange(N_ROWS)] * 2
+    before = training.predict(state, data, test, cfg)
+    with training.weights_swapped(state, state.weight_average):
+        averaged = training.predict(state, data, test, cfg)
+    after = training.predict(state, data, test, cfg)
+    np.testing.assert_array_equal(before, after)
+    assert np.abs(np.array(averaged) - np.array(before)).max() > 0
+    # the validation predictions at the curve's epochs are kept for the epoch choice
+    assert [epoch for epoch, _ in state.val_curve_preds] == [8]
+    np.testing.assert_allclose(state.val_curve_preds[0][1][1], training.predict(
+        state, data, [m.val_idx for m in members], cfg)[1], rtol=1e-6)
