@@ -137,13 +137,25 @@ VALIDATION_COLUMNS = {  # validation metrics of a fold's scores entry, by task t
 }
 
 
+LEVER_COLUMNS = {  # the epoch levers measured beside a run's recipe (its
+    # scores' val_swa and val_epoch_choice): column -> (entry key, field)
+    "val_swa": ("val_swa", "ensemble"),
+    "val_epoch_chosen": ("val_epoch_choice", "chosen"),
+    "val_epoch_final": ("val_epoch_choice", "final"),
+}
+
+
 def validation_table(out_dir: Path, run_names: Sequence[str]) -> pd.DataFrame:
     """Mean validation metrics per run and task over its folds (never the test
     fold's scores): the ensemble's metric (`val_mae` or `val_rocauc_prob`, the
     probabilities' ROC-AUC; with the median of the members in `val_median`), and
     for classification the labels' balanced accuracy (Matbench's ROC-AUC of
     labels) at 0.5, at a threshold chosen on the validation split (cross-fitted)
-    and at the training split's share of class 1 (where recorded)."""
+    and at the training split's share of class 1 (where recorded). Where every fold
+    recorded them, the epoch levers in the same metric: the ensemble of the
+    members' averaged last weights (`val_swa`) and of each member's epoch chosen on
+    one half of the split, scored on the other (`val_epoch_chosen`, with the last
+    epoch scored on the same halves in `val_epoch_final`)."""
     rows = []
     for name in run_names:
         for task, folds in read_json_results(scores_path(out_dir, name)).items():
@@ -160,6 +172,9 @@ def validation_table(out_dir: Path, run_names: Sequence[str]) -> pd.DataFrame:
             if all("val_by_aggregation" in f for f in entries):
                 row["val_median"] = float(np.mean([f["val_by_aggregation"]["median"]
                                                    for f in entries]))
+            for column, (key, field) in LEVER_COLUMNS.items():
+                if all(key in f for f in entries):
+                    row[column] = float(np.mean([f[key][field] for f in entries]))
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -122,6 +122,35 @@ def test_run_folds_per_task_stacks_the_missing_folds(featurized, tmp_path, capsy
     assert row["folds"] == 3 and row["val_mae"] == pytest.approx(
         sum(scores[f]["val_mae"] for f in ("fold_0", "fold_2", "fold_3")) / 3,
         rel=1e-4)  # the table holds 5 significant digits
+    # one epoch: its weights are the whole average, and no epoch is there to choose
+    assert row["val_swa"] == pytest.approx(row["val_mae"], rel=1e-4)
+    assert "val_epoch_chosen" not in row
+
+
+def test_validation_table_means_the_epoch_levers_over_folds(tmp_path):
+    """The table's lever columns are the folds' mean, and only where every fold
+    recorded the lever."""
+    from mat_bench.run_folds import validation_table
+
+    def entry(mae: float, swa: float, chosen: float | None = None) -> dict:
+        out = {"val_mae": mae, "val_swa": {"metric": "val_mae", "ensemble": swa}}
+        if chosen is not None:
+            out["val_epoch_choice"] = {"chosen": chosen, "final": mae + 0.5}
+        return out
+
+    scores = {"matbench_steels": {"fold_0": entry(1.0, 0.8, 0.7),
+                                  "fold_1": entry(2.0, 1.6, 1.5)},
+              "matbench_jdft2d": {"fold_0": entry(3.0, 2.0, 2.5),
+                                  "fold_1": entry(5.0, 4.0)}}
+    (tmp_path / "model_scores").mkdir()
+    (tmp_path / "model_scores" / "lev.json").write_text(json.dumps(scores))
+    rows = validation_table(tmp_path, ["lev"]).set_index("task").to_dict("index")
+    steels, jdft2d = rows["matbench_steels"], rows["matbench_jdft2d"]
+    assert (steels["val_mae"], steels["val_swa"]) == pytest.approx((1.5, 1.2))
+    assert (steels["val_epoch_chosen"], steels["val_epoch_final"]) == pytest.approx(
+        (1.1, 2.0))
+    assert jdft2d["val_swa"] == pytest.approx(3.0)
+    assert pd.isna(jdft2d["val_epoch_chosen"])  # fold 1 recorded no choice
 
 
 def run_folds_past_a_checkpoint(out_dir: Path) -> subprocess.Popen:
