@@ -137,8 +137,9 @@ VALIDATION_COLUMNS = {  # validation metrics of a fold's scores entry, by task t
 }
 
 
-LEVER_COLUMNS = {  # the epoch levers measured beside a run's recipe (its
-    # scores' val_swa and val_epoch_choice): column -> (entry key, field)
+NESTED_COLUMNS = {  # fields of a fold's scores entry: column -> (entry key, field)
+    "val_median": ("val_by_aggregation", "median"),  # the members' median
+    # the epoch levers measured beside a run's recipe
     "val_swa": ("val_swa", "ensemble"),
     "val_epoch_chosen": ("val_epoch_choice", "chosen"),
     "val_epoch_final": ("val_epoch_choice", "final"),
@@ -169,10 +170,7 @@ def validation_table(out_dir: Path, run_names: Sequence[str]) -> pd.DataFrame:
             for key in VALIDATION_COLUMNS[task_type]:
                 if all(key in f for f in entries):
                     row[key] = float(np.mean([f[key] for f in entries]))
-            if all("val_by_aggregation" in f for f in entries):
-                row["val_median"] = float(np.mean([f["val_by_aggregation"]["median"]
-                                                   for f in entries]))
-            for column, (key, field) in LEVER_COLUMNS.items():
+            for column, (key, field) in NESTED_COLUMNS.items():
                 if all(key in f for f in entries):
                     row[column] = float(np.mean([f[key][field] for f in entries]))
             rows.append(row)

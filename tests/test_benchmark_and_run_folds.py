@@ -128,12 +128,13 @@ def test_run_folds_per_task_stacks_the_missing_folds(featurized, tmp_path, capsy
 
 
 def test_validation_table_means_the_epoch_levers_over_folds(tmp_path):
-    """The table's lever columns are the folds' mean, and only where every fold
-    recorded the lever."""
+    """The table's lever columns (and the members' median) are the folds' mean,
+    and only where every fold recorded them."""
     from mat_bench.run_folds import validation_table
 
     def entry(mae: float, swa: float, chosen: float | None = None) -> dict:
-        out = {"val_mae": mae, "val_swa": {"metric": "val_mae", "ensemble": swa}}
+        out = {"val_mae": mae, "val_swa": {"metric": "val_mae", "ensemble": swa},
+               "val_by_aggregation": {"mean": mae, "median": mae - 0.25}}
         if chosen is not None:
             out["val_epoch_choice"] = {"chosen": chosen, "final": mae + 0.5}
         return out
@@ -149,7 +150,7 @@ def test_validation_table_means_the_epoch_levers_over_folds(tmp_path):
     assert (steels["val_mae"], steels["val_swa"]) == pytest.approx((1.5, 1.2))
     assert (steels["val_epoch_chosen"], steels["val_epoch_final"]) == pytest.approx(
         (1.1, 2.0))
-    assert jdft2d["val_swa"] == pytest.approx(3.0)
+    assert (steels["val_median"], jdft2d["val_swa"]) == pytest.approx((1.25, 3.0))
     assert pd.isna(jdft2d["val_epoch_chosen"])  # fold 1 recorded no choice
 
 
