@@ -50,6 +50,7 @@ from mat_bench.runs import (
     PARENT_PID_ENV,
     check_run_args,
     check_run_name,
+    check_same_recipe,
     done_pairs,
     run_matbench_args,
     scores_path,
@@ -220,8 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="one run per combination of hyperparameter values "
                         "(switches: key=true,false)")
     parser.add_argument("--table", default=None, metavar="CSV",
-                        help="also write the validation table (mean validation "
-                        "metrics of each run and task) here")
+                        help="after running the folds not yet recorded, write "
+                        "the validation table (mean validation metrics of each "
+                        "run and task) here; it trains nothing once all are")
     parser.add_argument("--curves", default=None, metavar="CSV",
                         help="also write the learning curves on validation (each "
                         "run and task's mean member validation metric every 10 "
@@ -236,12 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.parallel < 1:
             raise UserError("--parallel must be at least 1")
         runs = grid_runs(args.run_name, args.grid)
+        recipes = {}  # run name -> (hyperparameters, ensemble size)
         for name, flags in runs:  # every job's flags, checked before any job starts
             check_run_name(name)
-            check_run_args(run_matbench_args(args.model, name, out_dir,
-                                             [*flags, *passthrough], "0", False,
-                                             args.per_task),
-                           args.model, name, out_dir, False)
+            recipes[name] = check_run_args(
+                run_matbench_args(args.model, name, out_dir, [*flags, *passthrough],
+                                  "0", False, args.per_task),
+                args.model, name, out_dir, False)
         done = {name: done_pairs(scores_path(out_dir, name), args.model)
                 for name, _ in runs}
         jobs = []
@@ -252,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"skip {name} {task} fold {fold}: already recorded")
                 else:
                     todo.append(fold)
+            if todo:  # new folds join a task's recorded ones only at their recipe
+                check_same_recipe(scores_path(out_dir, name), args.model, task,
+                                  *recipes[name])
             groups = [todo] if args.per_task and todo else [[fold] for fold in todo]
             for folds in groups:
                 tag = "-".join(map(str, folds))

@@ -64,6 +64,7 @@ from mat_bench.runs import (
     check_folds,
     check_out_dir,
     check_run_name,
+    check_same_recipe,
     checkpoint_path,
     default_run_name,
     fold_tag,
@@ -532,7 +533,8 @@ def check_request(model: str, task: str, folds: Sequence[int], ensemble: int,
                   wandb: str, checkpoint: str, hyperparams: dict[str, Any]
                   ) -> tuple[dict[str, Any], str]:
     """Step 1, before anything is loaded or written: UserError for any argument a
-    run cannot take, or a results file it could not merge into. Returns the run's
+    run cannot take, or a results file it could not merge into (unreadable, or
+    holding this task's folds at another recipe). Returns the run's
     hyperparameters (runs.DEFAULTS completed) and its name."""
     hyperparams = {RENAMED.get(key, key): value for key, value in hyperparams.items()}
     unknown = set(hyperparams) - set(DEFAULTS)
@@ -549,6 +551,7 @@ def check_request(model: str, task: str, folds: Sequence[int], ensemble: int,
     check_out_dir(out_dir)
     for path in (scores_path(out_dir, run_name), preds_path(out_dir, run_name, task)):
         read_json_results(path)  # refuse unreadable files before training
+    check_same_recipe(scores_path(out_dir, run_name), model, task, params, ensemble)
     return params, run_name
 
 

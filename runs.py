@@ -413,12 +413,39 @@ def done_pairs(path: str | os.PathLike, model: str) -> set[tuple[str, int]]:
     return done
 
 
+def check_same_recipe(path: str | os.PathLike, model: str, task: str,
+                      params: dict[str, Any], ensemble: int) -> None:
+    """UserError if a run's scores file holds folds of `task` trained with another
+    recipe (`recipe`: precision and seed may differ) or another ensemble size than
+    `params` and `ensemble` would: one run name, one recipe per task, so that its
+    5 folds score one model."""
+    keys = [key for key in DEFAULTS if key not in AT_ANY_VALUE]
+    ours = {**recipe({**params, "model": model, "task": task}), "ensemble": ensemble}
+    for fold_key, entry in (read_json_results(path).get(task) or {}).items():
+        if not re.fullmatch(r"fold_\d+", fold_key) or not isinstance(entry, dict):
+            continue
+        recorded = entry.get("params") or {}
+        theirs = {**recipe({**recorded, "model": model, "task": task}),
+                  "ensemble": recorded.get("ensemble", 1)}
+        differ = [key for key in [*keys, "ensemble"]
+                  if key in ours and theirs.get(key) != ours[key]]
+        if differ:
+            said = ", ".join(f"{key} {theirs.get(key)!r} (this run: {ours[key]!r})"
+                             for key in differ)
+            raise UserError(
+                f"{path} records {task} {fold_key} with other settings: {said}; "
+                f"repeat that run's flags to add folds to it, or use another "
+                "--run-name"
+            )
+
+
 def merge_run_results(src: str | os.PathLike, dest: str | os.PathLike
                       ) -> list[tuple[str, str, int, str]]:
     """Merge the runs recorded under SRC (model_scores/ and model_preds/, e.g. from
     a lent GPU machine) into DEST's, fold by fold, each under DEST's lock with an
     atomic replace. A fold DEST already holds is kept, not overwritten; a fold SRC
-    holds without its predictions is refused. Returns (run, task, fold, "merged" or
+    holds without its predictions, or at another recipe than DEST's folds of its task
+    (check_same_recipe), is refused. Returns (run, task, fold, "merged" or
     "kept") for every fold of SRC."""
     plan = []  # everything is checked before anything is written
     for path in sorted((Path(src) / "model_scores").glob("*.json")):
@@ -434,6 +461,11 @@ def merge_run_results(src: str | os.PathLike, dest: str | os.PathLike
                 if key not in preds.get(task, {}):
                     raise UserError(f"{path} records {task} {key} but its predictions "
                                     "are missing: copy model_preds/ along with it")
+                if (task, fold) not in done:
+                    recorded = entry.get("params") or {}
+                    check_same_recipe(scores_path(dest, run), model, task,
+                                      recorded_params(recorded),
+                                      recorded.get("ensemble", 1))
                 plan.append((run, task, fold, entry, preds[task][key],
                              (task, fold) in done))
     merged = []
@@ -492,9 +524,11 @@ def run_matbench_args(model: str, run_name: str, out_dir: str | os.PathLike,
 
 
 def check_run_args(args: Sequence[str], model: str, run_name: str,
-                   out_dir: str | os.PathLike, requeue: bool) -> None:
+                   out_dir: str | os.PathLike, requeue: bool
+                   ) -> tuple[dict[str, Any], int]:
     """Check an element's run_matbench.py arguments (from run_matbench_args) with its
-    own parser and argument checks, so that a typo fails here, not in every element."""
+    own parser and argument checks, so that a typo fails here, not in every element.
+    Returns the elements' hyperparameters (DEFAULTS completed) and ensemble size."""
     task = ALL_TASKS[0] if model == "roostformer" else STRUCTURE_TASKS[0]
     parser = build_run_parser()
     parser.prog = "run_matbench.py"  # in its messages for bad values
@@ -532,6 +566,7 @@ def check_run_args(args: Sequence[str], model: str, run_name: str,
     params["embedding_aggregations"] = tuple(params["embedding_aggregations"])
     check_args(model, task, 0, params, ns.wandb, ns.checkpoint)
     check_device(ns.device)
+    return params, ns.ensemble
 
 
 

@@ -62,6 +62,7 @@ from mat_bench.runs import (
     TASK_VAR,
     check_run_args,
     check_run_name,
+    check_same_recipe,
     done_pairs,
     gpu_count,
     run_matbench_args,
@@ -300,7 +301,8 @@ def submit_run(args: argparse.Namespace, extra: list[str]) -> int:
     out_dir = Path(args.out_dir).resolve()
     element_args = run_matbench_args(args.model, args.run_name, out_dir, extra,
                                      args.gpus_per_node, args.requeue, args.per_task)
-    check_run_args(element_args, args.model, args.run_name, out_dir, args.requeue)
+    recipe = check_run_args(element_args, args.model, args.run_name, out_dir,
+                            args.requeue)
     log_dir = Path(args.log_dir).resolve() if args.log_dir else out_dir / "job-logs"
 
     pairs = select_pairs(args.model, args.tasks, args.folds)
@@ -317,6 +319,8 @@ def submit_run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"note: {scores} holds {len(overlap)} of these pairs already; they will "
               "be rerun and overwritten (--only-missing skips them)", file=sys.stderr)
 
+    for task in dict.fromkeys(task for task, _ in pairs):
+        check_same_recipe(scores, args.model, task, *recipe)
     elements = group_by_task(pairs) if args.per_task else pairs
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     script_path = log_dir / f"{args.run_name}-{stamp}.sh"

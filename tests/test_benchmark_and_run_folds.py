@@ -245,6 +245,34 @@ def test_run_folds_refuses_a_run_name_holding_another_model(tmp_path, capsys):
     assert "holds wrenformer results" in capsys.readouterr().err
 
 
+def test_run_folds_adds_folds_to_a_run_only_at_its_recipe(tmp_path, capsys):
+    """A run whose recorded folds hold 5 members: new folds without --ensemble 5
+    are refused in one line before any job starts (run_matbench.py alone too)."""
+    from mat_bench.runs import DEFAULTS
+
+    scores = tmp_path / "model_scores" / "r.json"
+    scores.parent.mkdir()
+    scores.write_text(json.dumps({"matbench_steels": {"fold_0": {
+        "mae": 1.0, "params": {**DEFAULTS, "model": "roostformer", "ensemble": 5}}}}))
+    before = scores.read_bytes()
+    base = ["--model", "roostformer", "--run-name", "r", "--tasks", "matbench_steels",
+            "--out-dir", str(tmp_path)]
+    assert folds_main([*base, "--folds", "0", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "ensemble 5 (this run: 1)" in err and err.count("\n") == 1
+    # fold 0 is recorded and skipped: nothing to run, nothing to refuse
+    assert folds_main([*base, "--folds", "0"]) == 0
+    proc = subprocess.run([sys.executable, "run_matbench.py", "--model", "roostformer",
+                           "--task", "matbench_steels", "--fold", "1", "--run-name",
+                           "r", "--out-dir", str(tmp_path), "--epochs", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "epochs 300 (this run: 1), ensemble 5 (this run: 1)" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert scores.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_scores"]
+
+
 def test_speedup_pairs_runs_by_name_whatever_the_order():
     from mat_bench.benchmark_training import summarize
 

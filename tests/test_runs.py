@@ -211,3 +211,44 @@ def test_merge_run_results_adds_missing_folds_and_keeps_recorded_ones(tmp_path):
     assert proc.returncode == 2 and "pick another --run-name" in proc.stderr
     assert proc.stderr.count("\n") == 1
     assert (dest / "model_scores" / "r.json").read_bytes() == before
+
+
+def test_a_run_name_holds_one_recipe_per_task(tmp_path):
+    """New folds join a task's recorded ones only at their recipe and ensemble size
+    (precision and seed may differ); other tasks of the run are free; merging a lent
+    GPU's folds obeys the same rule."""
+    from run_files import write_run
+
+    from mat_bench.runs import check_same_recipe, merge_run_results
+
+    steels, glass = "matbench_steels", "matbench_glass"
+    at = {**DEFAULTS, "model": "roostformer", "ensemble": 5}
+    dest = write_run(tmp_path / "dest", "r",
+                     {steels: {"fold_0": {"mae": 1.0, "params": at}}}, {})
+    scores = dest / "model_scores" / "r.json"
+    check_same_recipe(scores, "roostformer", steels, {**at, "amp": True, "seed": 9}, 5)
+    check_same_recipe(scores, "roostformer", glass, {**at, "epochs": 10}, 1)
+    with pytest.raises(UserError, match=r"fold_0 with other settings: ensemble 5 "
+                                        r"\(this run: 1\);.*another --run-name"):
+        check_same_recipe(scores, "roostformer", steels, at, 1)
+    with pytest.raises(UserError, match=r"epochs 300 \(this run: 30\)"):
+        check_same_recipe(scores, "roostformer", steels, {**at, "epochs": 30}, 5)
+    # a fold recorded before the jitter existed trained without it
+    old = {key: value for key, value in at.items() if key != "frac_jitter"}
+    write_run(dest, "old", {steels: {"fold_0": {"mae": 1.0, "params": old}}}, {})
+    with pytest.raises(UserError, match=r"frac_jitter 0.0 \(this run: 0.02\)"):
+        check_same_recipe(dest / "model_scores" / "old.json", "roostformer", steels,
+                          at, 5)
+    # classification ignores --gate: not compared there
+    write_run(dest, "cls", {glass: {"fold_0": {"mae": 1.0, "params": at}}}, {})
+    check_same_recipe(dest / "model_scores" / "cls.json", "roostformer", glass,
+                      {**at, "gate": True}, 5)
+    # a lent GPU's fold 1 at another ensemble size: refused, nothing written
+    src = write_run(tmp_path / "src", "r",
+                    {steels: {"fold_1": {"mae": 2.0, "params": {**at, "ensemble": 1}}}},
+                    {steels: {"fold_1": {"mbid": ["a"], "target": [1.0],
+                                         "prediction": [2.0]}}})
+    before = scores.read_bytes()
+    with pytest.raises(UserError, match="ensemble 5 \\(this run: 1\\)"):
+        merge_run_results(src, dest)
+    assert scores.read_bytes() == before

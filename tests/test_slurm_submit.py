@@ -22,7 +22,7 @@ from mat_bench.data import (
     read_run_preds,
     update_json_results,
 )
-from mat_bench.runs import done_pairs, select_pairs
+from mat_bench.runs import DEFAULTS, done_pairs, select_pairs
 from mat_bench.slurm_submit import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def test_no_sbatch_says_so_and_suggests_dry_run(monkeypatch, tmp_path, capsys):
 def test_only_missing_reads_the_scores_file(monkeypatch, tmp_path, capsys):
     fake_featurized(monkeypatch, tmp_path, "matbench_steels")
     scores = tmp_path / "model_scores" / "run.json"
-    entry = {"mae": 1.0, "params": {"model": "roostformer"}}
+    entry = {"mae": 1.0, "params": {**DEFAULTS, "model": "roostformer"}}
     update_json_results(scores, lambda d: d.update(
         {"matbench_steels": {f"fold_{f}": entry for f in (0, 2, 3)}}))
     assert done_pairs(scores, "roostformer") == {
@@ -165,6 +165,23 @@ def test_only_missing_reads_the_scores_file(monkeypatch, tmp_path, capsys):
     # a run name holding another model's results is refused
     with pytest.raises(UserError, match="holds roostformer results"):
         done_pairs(scores, "wrenformer")
+
+
+def test_new_folds_join_a_run_only_at_its_recipe(monkeypatch, tmp_path, capsys):
+    fake_featurized(monkeypatch, tmp_path, "matbench_steels")
+    scores = tmp_path / "model_scores" / "run.json"
+    entry = {"mae": 1.0, "params": {**DEFAULTS, "model": "roostformer", "epochs": 30}}
+    update_json_results(scores, lambda d: d.update({"matbench_steels": {
+        "fold_0": entry}}))
+    argv = ["--model", "roostformer", "--run-name", "run", "--tasks",
+            "matbench_steels", "--out-dir", str(tmp_path), "--only-missing",
+            "--dry-run"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "epochs 30 (this run: 300)" in err and err.count("\n") == 1
+    assert main([*argv, "--epochs", "30"]) == 0
+    assert script_pairs(capsys.readouterr().out) == [
+        ("matbench_steels", f) for f in (1, 2, 3, 4)]
 
 
 def test_wrong_shape_results_file_is_refused(monkeypatch, tmp_path, capsys):
