@@ -419,22 +419,24 @@ def check_same_recipe(path: str | os.PathLike, model: str, task: str,
     recipe (`recipe`: precision and seed may differ) or another ensemble size than
     `params` and `ensemble` would: one run name, one recipe per task, so that its
     5 folds score one model."""
-    keys = [key for key in DEFAULTS if key not in AT_ANY_VALUE]
-    ours = {**recipe({**params, "model": model, "task": task}), "ensemble": ensemble}
+    def settings(run_params: dict[str, Any], members: int) -> dict[str, Any]:
+        hyper = recipe({**run_params, "model": model, "task": task})
+        return {**{key: value for key, value in hyper.items() if key in DEFAULTS},
+                "ensemble": members}
+
+    ours = settings(params, ensemble)
     for fold_key, entry in (read_json_results(path).get(task) or {}).items():
         if not re.fullmatch(r"fold_\d+", fold_key) or not isinstance(entry, dict):
             continue
         recorded = entry.get("params") or {}
-        theirs = {**recipe({**recorded, "model": model, "task": task}),
-                  "ensemble": recorded.get("ensemble", 1)}
-        differ = [key for key in [*keys, "ensemble"]
-                  if key in ours and theirs.get(key) != ours[key]]
+        theirs = settings(recorded, recorded.get("ensemble", 1))
+        differ = [key for key in ours if theirs.get(key) != ours[key]]
         if differ:
             said = ", ".join(f"{key} {theirs.get(key)!r} (this run: {ours[key]!r})"
                              for key in differ)
             raise UserError(
                 f"{path} records {task} {fold_key} with other settings: {said}; "
-                f"repeat that run's flags to add folds to it, or use another "
+                "repeat that run's flags to add folds to it, or use another "
                 "--run-name"
             )
 
