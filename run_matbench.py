@@ -272,6 +272,7 @@ def train_or_stop(state: Any, data: Any, cfg: Any, *, ckpt_path: Path | None,
 
     stop_requested: list[int] = []  # the signal asking to stop after this epoch
     last_save: list[float] = []  # when this process last saved a checkpoint
+    warned: set[int] = set()  # members already reported as collapsed
 
     def on_signal(signum: int, _frame: Any) -> None:
         if ckpt_path is None or stop_requested:
@@ -286,6 +287,16 @@ def train_or_stop(state: Any, data: Any, cfg: Any, *, ckpt_path: Path | None,
             raise UserError(f"training diverged: the training loss is "
                             f"{metrics['train_loss']} after epoch {epoch}; try a lower "
                             "--learning-rate")
+        for m in metrics.get("collapsed_members", []):
+            if m not in warned:
+                warned.add(m)
+                member = state.members[m]
+                print(f"warning: member {m} (fold {member.fold}, seed {member.seed}) "
+                      "predicts one value for every validation material after epoch "
+                      f"{epoch}: its training collapsed. Unless it recovers it is left "
+                      "out of its fold's ensemble; for a full ensemble rerun with a "
+                      "lower --learning-rate or another --seed", file=sys.stderr,
+                      flush=True)
         if wandb_run is not None:
             wandb_run.log({"epoch": epoch, **{k: v for k, v in metrics.items()
                                               if not isinstance(v, list)}})
@@ -336,9 +347,11 @@ def aggregate(preds: np.ndarray, how: str) -> np.ndarray:
 def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
                     aggregation: str, val_threshold: bool,
                     fit_positive_rate: float | None = None,
-                    threshold: float = CLASS_THRESHOLD) -> dict[str, Any]:
+                    threshold: float = CLASS_THRESHOLD,
+                    live: Sequence[int] | None = None) -> dict[str, Any]:
     """A fold's validation record from its members' (members, materials)
-    predictions on their shared validation split: the ensemble's metrics (`val`,
+    predictions on their shared validation split, the ensemble being that of the
+    `live` members (default: all; see live_members): the ensemble's metrics (`val`,
     with the label threshold for classification), the metric runs are compared by
     (`val_mae` or `val_rocauc_prob`: VAL_METRICS) for the ensemble, for each
     aggregation of the members (`val_by_aggregation`) and for each member, and for
@@ -355,7 +368,8 @@ def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
     )
 
     metric = VAL_METRICS[task_type]
-    ensemble = aggregate(val_preds, aggregation)
+    in_ensemble = val_preds if live is None else val_preds[list(live)]
+    ensemble = aggregate(in_ensemble, aggregation)
     out: dict[str, Any] = {}
     at_default = score(targets, ensemble, task_type)  # labels at CLASS_THRESHOLD
     out["val"] = at_default
@@ -373,7 +387,7 @@ def fold_validation(val_preds: np.ndarray, targets: np.ndarray, task_type: str,
     out[f"val_{metric}"] = out["val"][metric]
     if len(val_preds) > 1:
         out["val_by_aggregation"] = {
-            how: score(targets, aggregate(val_preds, how), task_type)[metric]
+            how: score(targets, aggregate(in_ensemble, how), task_type)[metric]
             for how in ("mean", "median")}
         out["val_members"] = [score(targets, pred, task_type)[metric]
                               for pred in val_preds]
@@ -416,14 +430,36 @@ def epoch_choice_validation(curve_preds: np.ndarray, curve_epochs: Sequence[int]
     return out
 
 
+def live_members(members: Sequence[Any], member_preds: Sequence[np.ndarray]
+                 ) -> dict[int, list[int]]:
+    """Each fold's members (indices into `members`) that make its ensemble: all but
+    those whose predictions (on the validation split, or without one on the
+    training split) are one value for every material, as a member whose training
+    collapsed predicts (training.collapsed). A fold may be left with none."""
+    from mat_bench.training import collapsed
+
+    live: dict[int, list[int]] = {member.fold: [] for member in members}
+    for m, member in enumerate(members):
+        if collapsed(member_preds[m]):
+            print(f"warning: member {m} (fold {member.fold}, seed {member.seed}) "
+                  "predicts one value for every material: its training collapsed, "
+                  "and it is left out of its fold's ensemble", file=sys.stderr,
+                  flush=True)
+        else:
+            live[member.fold].append(m)
+    return live
+
+
 def validate_folds(state: Any, data: Any, cfg: Any, members: Sequence[Any],
                    targets: np.ndarray, aggregation: str, params: dict[str, Any]
-                   ) -> tuple[dict[int, float], dict[int, dict[str, Any]]]:
+                   ) -> tuple[dict[int, float], dict[int, dict[str, Any]],
+                              dict[int, list[int]]]:
     """Each fold's label threshold (classification: its training split's share of
-    class 1 with --prior-threshold, else CLASS_THRESHOLD) and the validation record
+    class 1 with --prior-threshold, else CLASS_THRESHOLD), the validation record
     of its ensemble (none without a validation split), which with --val-threshold
-    chooses the threshold instead: never the test fold. The record also holds the
-    epoch levers measured beside the recipe (measure_epoch_levers)."""
+    chooses the threshold instead: never the test fold, and the members that make
+    its ensemble (live_members). The record also holds the epoch levers measured
+    beside the recipe (measure_epoch_levers)."""
     from mat_bench.training import predict
 
     folds = list(dict.fromkeys(m.fold for m in members))
@@ -433,26 +469,33 @@ def validate_folds(state: Any, data: Any, cfg: Any, members: Sequence[Any],
     labels_at = {fold: fit_share[fold] if params["prior_threshold"] and classify
                  else CLASS_THRESHOLD for fold in folds}
     validation: dict[int, dict[str, Any]] = {}
-    if params["val_fraction"]:
-        val_preds = predict(state, data, [m.val_idx for m in members], cfg)
-        for fold in folds:
-            idx = [m for m, member in enumerate(members) if member.fold == fold]
+    if not params["val_fraction"]:
+        return labels_at, validation, live_members(
+            members, predict(state, data, [m.fit_idx for m in members], cfg))
+    val_preds = predict(state, data, [m.val_idx for m in members], cfg)
+    live = live_members(members, val_preds)
+    for fold in folds:
+        idx = [m for m, member in enumerate(members) if member.fold == fold]
+        if live[fold]:
             validation[fold] = fold_validation(
                 np.stack([val_preds[m] for m in idx]),
                 targets[members[idx[0]].val_idx], cfg.task_type, aggregation,
-                params["val_threshold"] and classify, fit_share[fold], labels_at[fold])
-        measure_epoch_levers(state, data, cfg, members, targets, aggregation,
-                             validation)
-    return labels_at, validation
+                params["val_threshold"] and classify, fit_share[fold], labels_at[fold],
+                [idx.index(m) for m in live[fold]])
+    measure_epoch_levers(state, data, cfg, members, targets, aggregation, validation,
+                         live)
+    return labels_at, validation, live
 
 
 def measure_epoch_levers(state: Any, data: Any, cfg: Any, members: Sequence[Any],
                          targets: np.ndarray, aggregation: str,
-                         validation: dict[int, dict[str, Any]]) -> None:
+                         validation: dict[int, dict[str, Any]],
+                         live: dict[int, list[int]]) -> None:
     """Two levers measured on each fold's validation split beside the recipe, which
     they do not change: the weights averaged over the last epochs (`val_swa`, SWA
     as in CrabNet) and each member's epoch chosen on validation
-    (`val_epoch_choice`, cross-fitted: epoch_choice_validation)."""
+    (`val_epoch_choice`, cross-fitted: epoch_choice_validation); for the ensemble
+    of the fold's `live` members, as the recipe's."""
     from mat_bench.training import predict, score, weights_swapped
 
     metric = VAL_METRICS[cfg.task_type]
@@ -462,7 +505,7 @@ def measure_epoch_levers(state: Any, data: Any, cfg: Any, members: Sequence[Any]
         with weights_swapped(state, state.weight_average):
             swa_preds = predict(state, data, val_idx, cfg)
     for fold, record in validation.items():
-        idx = [m for m, member in enumerate(members) if member.fold == fold]
+        idx = live[fold]
         fold_targets = targets[val_idx[idx[0]]]
         if swa_preds is not None:
             preds = np.stack([swa_preds[m] for m in idx])
@@ -485,13 +528,14 @@ def measure_epoch_levers(state: Any, data: Any, cfg: Any, members: Sequence[Any]
 def fold_results(fold: int, members: Sequence[Any], member_preds: Sequence[np.ndarray],
                  test_df: pd.DataFrame, test_ok: np.ndarray, rows: pd.DataFrame,
                  task_type: str, aggregation: str = "mean",
-                 threshold: float | None = None
+                 threshold: float | None = None, live: Sequence[int] | None = None
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One fold's (scores entry, predictions entry) from its members' test
-    predictions: the ensemble's prediction (the members' mean or median;
-    classification: of the class-1 probabilities, then the label at `threshold`),
-    the members' spread, and each member's scores. Test rows without an input get
-    the training mean (or majority class)."""
+    predictions: the ensemble's prediction (the `live` members', default all:
+    their mean or median; classification: of the class-1 probabilities, then the
+    label at `threshold`), their spread, and each member's scores (those left out
+    marked `collapsed`). Test rows without an input get the training mean (or
+    majority class)."""
     from mat_bench.training import score
 
     threshold = CLASS_THRESHOLD if threshold is None else threshold
@@ -505,15 +549,18 @@ def fold_results(fold: int, members: Sequence[Any], member_preds: Sequence[np.nd
     if not np.isfinite(preds).all():
         raise UserError(f"training diverged: fold {fold}'s test predictions are not "
                         "all finite; try a lower --learning-rate")
-    ensemble = aggregate(preds, aggregation)
+    live = list(range(len(members))) if live is None else list(live)
+    ensemble = aggregate(preds[live], aggregation)
     scores = score(targets, ensemble, task_type, threshold)
-    entry: dict[str, Any] = {**scores, "ensemble": len(members)}
+    entry: dict[str, Any] = {**scores, "ensemble": len(live)}
     if task_type == "classification":
         entry["threshold"] = threshold  # of the labels
     if len(members) > 1:
         entry["members"] = [{"seed": member.seed,
-                             **score(targets, pred, task_type, threshold)}
-                            for member, pred in zip(members, preds, strict=True)]
+                             **score(targets, pred, task_type, threshold),
+                             **({} if m in live else {"collapsed": True})}
+                            for m, (member, pred) in enumerate(zip(members, preds,
+                                                                   strict=True))]
     preds_entry: dict[str, Any] = {"mbid": list(test_df.index),
                                    "target": targets.tolist()}
     if task_type == "classification":
@@ -523,8 +570,8 @@ def fold_results(fold: int, members: Sequence[Any], member_preds: Sequence[np.nd
     else:
         preds_entry["prediction"] = ensemble.tolist()
         spread_key = "prediction_std"
-    if len(members) > 1:
-        preds_entry[spread_key] = preds.std(axis=0).tolist()
+    if len(live) > 1:
+        preds_entry[spread_key] = preds[live].std(axis=0).tolist()
     return entry, preds_entry
 
 
@@ -634,15 +681,23 @@ def describe_run(model: str, task: str, folds: Sequence[int], ensemble: int,
     }
 
 
+def samples_per_second(state: Any) -> float:
+    """Training samples per second of the stacked run, all members together."""
+    n_samples = state.epoch * sum(len(m.fit_idx) for m in state.members)
+    return n_samples / max(state.train_seconds, 1e-9)
+
+
 def test_and_record(state: Any, data: Any, cfg: Any, df: pd.DataFrame,
                     rows: pd.DataFrame, input_col: str,
                     fold_ids: dict[int, tuple[Any, Any]], aggregation: str,
                     labels_at: dict[int, float], validation: dict[int, dict[str, Any]],
-                    run_params: dict[str, Any], prep_seconds: float,
-                    preds_file: Path, scores_file: Path) -> dict[int, dict[str, Any]]:
+                    live: dict[int, list[int]], run_params: dict[str, Any],
+                    prep_seconds: float, preds_file: Path, scores_file: Path
+                    ) -> dict[int, dict[str, Any]]:
     """Step 7: predict each fold's test set with its members, and merge each fold's
-    predictions and scores entry (ensemble and members, validation, learning
-    curves, timings, run parameters) into the run's files. Returns the entries."""
+    predictions and scores entry (the ensemble of its `live` members and every
+    member, validation, learning curves, timings, run parameters) into the run's
+    files; a fold without live members is not recorded. Returns the entries."""
     from mat_bench.training import predict
 
     members = state.members
@@ -653,15 +708,16 @@ def test_and_record(state: Any, data: Any, cfg: Any, df: pd.DataFrame,
     test_rows = {fold: position.loc[test_df.index[test_ok[fold]]].to_numpy()
                  for fold, test_df in test_dfs.items()}
     member_preds = predict(state, data, [test_rows[m.fold] for m in members], cfg)
-    n_samples = state.epoch * sum(len(m.fit_idx) for m in members)
     entries = {}
     for fold, test_df in test_dfs.items():
+        if not live[fold]:
+            continue
         idx = [m for m, member in enumerate(members) if member.fold == fold]
         val = validation.get(fold, {})
         entry, preds_entry = fold_results(
             fold, [members[m] for m in idx], [member_preds[m] for m in idx], test_df,
             test_ok[fold], rows, cfg.task_type, aggregation,
-            val.get("threshold", labels_at[fold]))
+            val.get("threshold", labels_at[fold]), [idx.index(m) for m in live[fold]])
         for member, val_score in zip(entry.get("members", []),
                                      val.pop("val_members", []), strict=True):
             member["val"] = val_score
@@ -671,6 +727,9 @@ def test_and_record(state: Any, data: Any, cfg: Any, df: pd.DataFrame,
                 "epochs": [epoch for epoch, _ in state.val_curve],
                 "members": [[float(f"{scores[m]:.5g}") for _, scores in state.val_curve]
                             for m in idx]}
+        if len(live[fold]) < len(idx):  # the seeds left out of the ensemble
+            entry["collapsed_seeds"] = [members[m].seed for m in idx
+                                        if m not in live[fold]]
         entry.update({
             "aggregation": aggregation,  # of the members' predictions
             "n_train": len(members[idx[0]].fit_idx),
@@ -678,7 +737,7 @@ def test_and_record(state: Any, data: Any, cfg: Any, df: pd.DataFrame,
             "n_test_unlabelled": int((~test_ok[fold]).sum()), "epochs": state.epoch,
             "train_seconds": round(state.train_seconds, 2),  # of the stacked run
             "prep_seconds": round(prep_seconds, 2),
-            "samples_per_sec": round(n_samples / max(state.train_seconds, 1e-9), 1),
+            "samples_per_sec": round(samples_per_second(state), 1),
             "finished": datetime.datetime.now().isoformat(timespec="seconds"),
             "params": run_params,
         })
@@ -764,21 +823,21 @@ def run_matbench(
     # chosen here, never on the test fold
     aggregation = (AUTO_AGGREGATION[task_type] if params["ensemble_aggregation"]
                    == "auto" else params["ensemble_aggregation"])
-    labels_at, validation = validate_folds(state, data, cfg, members,
-                                           rows.target.to_numpy(), aggregation, params)
+    labels_at, validation, live = validate_folds(
+        state, data, cfg, members, rows.target.to_numpy(), aggregation, params)
 
     # 6. test each fold's ensemble and write its results
     entries = test_and_record(state, data, cfg, df, rows, input_col, fold_ids,
-                              aggregation, labels_at, validation, run_params,
+                              aggregation, labels_at, validation, live, run_params,
                               prep_seconds, preds_file, scores_file)
     metric = TASK_INFO[task].metric
     for fold, entry in entries.items():
-        print(f"{model} {task} fold {fold}: test {metric} = {entry[metric]:.4g}"
-              f"{f' (ensemble of {ensemble})' if ensemble > 1 else ''}", flush=True)
+        of = f" (ensemble of {entry['ensemble']})" if ensemble > 1 else ""
+        print(f"{model} {task} fold {fold}: test {metric} = {entry[metric]:.4g}{of}",
+              flush=True)
     print(f"{len(members)} members, {state.epoch} epochs in "
-          f"{state.train_seconds:.1f} s "
-          f"({entries[folds[0]]['samples_per_sec']:,.0f} training samples/s) -> "
-          f"{scores_file}", flush=True)
+          f"{state.train_seconds:.1f} s ({samples_per_second(state):,.0f} training "
+          f"samples/s) -> {scores_file}", flush=True)
     if wandb_run is not None:
         wandb_run.summary.update({f"test_{k}_fold_{fold}": entry[k]
                                   for fold, entry in entries.items()
@@ -786,6 +845,11 @@ def run_matbench(
                                             "rocauc_prob", "accuracy", "f1")
                                   if k in entry})
         wandb_run.finish()
+    if lost := [fold for fold in folds if not live[fold]]:
+        raise UserError(f"fold(s) {lost} not recorded: every member's training "
+                        "collapsed (each predicts one value for every material). "
+                        "Rerun under a new --run-name with a lower --learning-rate "
+                        "or another --seed")
     return entries
 
 

@@ -772,6 +772,13 @@ def score(targets: np.ndarray, preds: np.ndarray, task_type: str,
             "f1": float(f1_score(targets, labels))}
 
 
+def collapsed(preds: np.ndarray) -> bool:
+    """Whether a member's predictions for two or more materials are all one value: its
+    training collapsed (its output no longer depends on its input, e.g. after a loss
+    spike saturated its classifier), so it adds nothing to an ensemble."""
+    return len(preds) > 1 and bool(np.all(preds == preds[0]))
+
+
 def best_threshold(targets: np.ndarray, probs: np.ndarray) -> float:
     """The class-1 probability threshold that maximizes the balanced accuracy of
     the labels (probability > threshold, Matbench's ROC-AUC of labels) on these
@@ -1029,7 +1036,9 @@ def train(state: TrainState, data: TaskData, cfg: TrainConfig, *,
     """Train every member from state.epoch to cfg.epochs. After each epoch
     `on_epoch_end(epoch, metrics)` may return True to stop early (e.g. on SIGTERM,
     after checkpointing). metrics: the members' mean training loss and validation
-    score, and each member's validation score under `val_<metric>_members`."""
+    score, each member's validation score under `val_<metric>_members`, and the
+    members whose validation predictions have collapsed to one value
+    (`collapsed_members`)."""
     members, optimizer, scheduler = state.members, state.optimizer, state.scheduler
     rngs = [np.random.default_rng(m.seed + state.epoch) for m in members]
     order_rng = np.random.default_rng((state.epoch, ORDER_STREAM))  # shared: see plan
@@ -1080,6 +1089,8 @@ def train(state: TrainState, data: TaskData, cfg: TrainConfig, *,
                    for idx, preds in zip(val_idx, val_preds, strict=True)]
             metrics[f"val_{metric}"] = float(np.mean(val))
             metrics[f"val_{metric}_members"] = val
+            metrics["collapsed_members"] = [m for m, preds in enumerate(val_preds)
+                                            if collapsed(preds)]
             if (epoch + 1) % VAL_CURVE_EPOCHS == 0 or epoch + 1 == cfg.epochs:
                 state.val_curve.append((epoch + 1, val))
                 state.val_curve_preds.append(

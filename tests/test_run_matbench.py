@@ -250,7 +250,12 @@ def test_wandb_offline_logs_locally(featurized, tmp_path, monkeypatch):
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
     (record,) = max(runs, key=lambda p: p.name).glob("*.wandb")  # the stacked run
-    logged = record.read_bytes()  # W&B's record log holds the summary's keys as text
+    # W&B's record log holds the summary's keys as text; W&B's service process may
+    # still be writing it when finish() returns on a busy machine
+    deadline = time.monotonic() + 60
+    while not (b"test_mae_fold_0" in (logged := record.read_bytes())
+               and b"test_mae_fold_1" in logged) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert b"test_mae_fold_0" in logged and b"test_mae_fold_1" in logged
 
 
@@ -386,6 +391,76 @@ def test_diverged_training_says_so_and_writes_nothing(featurized, tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2 and "training diverged" in err and "--learning-rate" in err
     assert err.count("\n") == 1 and not list(tmp_path.rglob("*.json"))
+
+
+def test_collapsed_predictions():
+    assert training.collapsed(np.array([0.7, 0.7, 0.7]))
+    assert not training.collapsed(np.array([0.7, 0.7, 0.70001]))
+    assert not training.collapsed(np.array([0.7]))  # one material says nothing
+
+
+def collapse_members(monkeypatch, dead):
+    """Make the members whose (fold, seed) is in `dead` predict 1.0 for every
+    material, as a member whose training collapsed does; returns the list that
+    collects each predict call's (patched) member predictions."""
+    original, calls = training.predict, []
+
+    def predict(state, data, member_idx, cfg, **kwargs):
+        preds = original(state, data, member_idx, cfg, **kwargs)
+        preds = [np.ones_like(p) if (member.fold, member.seed) in dead else p
+                 for member, p in zip(state.members, preds, strict=True)]
+        calls.append(preds)
+        return preds
+
+    monkeypatch.setattr(training, "predict", predict)
+    return calls
+
+
+def test_collapsed_member_is_left_out_of_the_ensemble(featurized, tmp_path,
+                                                      monkeypatch, capsys):
+    """A member whose predictions collapsed to one value is reported as soon as
+    training sees it, left out of its fold's ensemble (prediction and spread from
+    the others) and marked in the scores."""
+    featurized("matbench_steels")
+    calls = collapse_members(monkeypatch, {(1, 0)})
+    code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--fold",
+                     "1", "--ensemble", "3", "--epochs", "2", "--out-dir",
+                     str(tmp_path), "--run-name", "col", "--no-progress",
+                     "--d-model", "32", "--n-attn-heads", "2", "--n-attn-layers", "1"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "member 0 (fold 1, seed 0) predicts one value for every validation " \
+           "material after epoch 1" in err and "left out" in err
+    entry, preds = check_fold_files(tmp_path, "col", "matbench_steels", 1, "mae", 63)
+    assert entry["ensemble"] == 2 and entry["collapsed_seeds"] == [0]
+    assert [m.get("collapsed", False) for m in entry["members"]] == [True, False,
+                                                                     False]
+    test_preds = np.stack(calls[-1])  # the last predict call: the test fold
+    assert np.all(test_preds[0] == 1.0)
+    assert preds["prediction"] == pytest.approx(np.median(test_preds[1:], axis=0))
+    assert preds["prediction_std"] == pytest.approx(test_preds[1:].std(axis=0))
+    assert entry["val_by_aggregation"]["median"] == pytest.approx(entry["val_mae"])
+
+
+def test_fold_whose_members_all_collapsed_is_not_recorded(featurized, tmp_path,
+                                                          monkeypatch, capsys):
+    """Folds stacked in one run: a fold left without a live member is not recorded
+    and the run says so, while the other fold's results are written."""
+    featurized("matbench_steels")
+    collapse_members(monkeypatch, {(1, 0)})
+    code = run_main(["--model", "roostformer", "--task", "matbench_steels", "--folds",
+                     "1", "4", "--epochs", "1", "--out-dir", str(tmp_path),
+                     "--run-name", "col", "--no-progress", "--d-model", "32",
+                     "--n-attn-heads", "2", "--n-attn-layers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines()[-1].endswith(
+        "fold(s) [1] not recorded: every member's training collapsed (each predicts "
+        "one value for every material). Rerun under a new --run-name with a lower "
+        "--learning-rate or another --seed")
+    scores = read_json_results(tmp_path / "model_scores" / "col.json")
+    assert list(scores["matbench_steels"]) == ["fold_4"]
+    check_fold_files(tmp_path, "col", "matbench_steels", 4, "mae", 62)
 
 
 @pytest.mark.parametrize("error", ["cuda", "host"])
