@@ -19,7 +19,8 @@ a fold share one validation split of its training fold (--val-fraction).
 per fold), each fold's prediction aggregating its members' (--ensemble-aggregation).
 The validation split never picks a model (the final epoch's model is tested); it
 scores the ensemble and, with --val-threshold, picks the classification threshold.
-Every hyperparameter's default lives in runs.HYPERPARAMETERS.
+Every hyperparameter's default lives in runs.HYPERPARAMETERS, and where a task's
+differs (chosen on validation) in runs.TASK_DEFAULTS.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from mat_bench.runs import (
     preds_path,
     scores_path,
     stop_when_parent_dies,
+    with_task_defaults,
 )
 
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
@@ -582,12 +584,13 @@ def check_request(model: str, task: str, folds: Sequence[int], ensemble: int,
     """Step 1, before anything is loaded or written: UserError for any argument a
     run cannot take, or a results file it could not merge into (unreadable, or
     holding this task's folds at another recipe). Returns the run's
-    hyperparameters (runs.DEFAULTS completed) and its name."""
+    hyperparameters (the task's defaults completed: runs.with_task_defaults) and its
+    name."""
     hyperparams = {RENAMED.get(key, key): value for key, value in hyperparams.items()}
     unknown = set(hyperparams) - set(DEFAULTS)
     if unknown:
         raise UserError(f"unknown hyperparameters: {sorted(unknown)}")
-    params = {**DEFAULTS, **hyperparams}
+    params = with_task_defaults(hyperparams, model, task)
     params["embedding_aggregations"] = tuple(params["embedding_aggregations"])
     check_folds(folds, ensemble)
     for fold in folds:
@@ -768,7 +771,7 @@ def run_matbench(
     stacked into one model on the device), test each fold's ensemble on its test
     fold, merge predictions and scores into OUT_DIR/model_preds/RUN/TASK.json.gz and
     OUT_DIR/model_scores/RUN.json and return the scores entry of each fold.
-    Hyperparameters not given take runs.DEFAULTS."""
+    Hyperparameters not given take the task's defaults (runs.task_defaults)."""
     # 1. arguments, before anything is loaded or written
     folds = [folds] if isinstance(folds, int) else list(folds)
     out_dir = Path(out_dir)

@@ -92,6 +92,15 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
 }
 DEFAULTS: dict[str, Any] = {key: default
                              for key, (default, _) in HYPERPARAMETERS.items()}
+# where a task's default differs, chosen on validation by one rule (README "Choosing
+# the recipe", stage F, table benchmarks/recipe_search/stageF.csv; a test checks
+# that this follows from it): Roostformer's fraction encoding is off on a task
+# where turning it off lowers the validation error (MAE, or 1 - ROC-AUC of the
+# probabilities) by more than FRAC_ENCODING_MARGIN
+TASK_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("roostformer", "matbench_glass"): {"frac_encoding_dims": 0},
+}
+FRAC_ENCODING_MARGIN = 0.02
 CHOICES = {"ensemble_aggregation": ("auto", "mean", "median"),
            "wyckoff_features": ("raw", "max")}
 AUTO_AGGREGATION = {"regression": "median", "classification": "mean"}
@@ -112,6 +121,22 @@ BEFORE_IT_EXISTED: dict[str, Any] = {"dim_feedforward": TORCH_FEEDFORWARD,
                                      "wyckoff_features": "raw",
                                      "prior_threshold": False}
 AT_ANY_VALUE = ("amp", "seed")  # hyperparameters that do not set a run's recipe
+
+
+def task_defaults(model: str | None, task: str | None) -> dict[str, Any]:
+    """Every hyperparameter's default for `model` on `task`: DEFAULTS, with the
+    task's own where TASK_DEFAULTS has one."""
+    return {**DEFAULTS, **TASK_DEFAULTS.get((model or "", task or ""), {})}
+
+
+def with_task_defaults(params: dict[str, Any], model: str | None,
+                       task: str | None) -> dict[str, Any]:
+    """`params` completed for `model` on `task`: a hyperparameter not given, or
+    given as None where its default is not None (a flag left at "the task's
+    default"), takes task_defaults'."""
+    base = task_defaults(model, task)
+    return {**base, **{key: value for key, value in params.items()
+                       if value is not None or base.get(key) is None}}
 
 
 def recorded_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -159,8 +184,8 @@ def at_defaults(params: dict[str, Any]) -> bool:
     defaults, for the hyperparameters that act in it (precision and seed are not
     compared)."""
     ours = recipe(params)
-    defaults = recipe({**DEFAULTS, "model": params.get("model"),
-                       "task": params.get("task")})
+    model, task = params.get("model"), params.get("task")
+    defaults = recipe({**task_defaults(model, task), "model": model, "task": task})
     return all(ours[key] == value for key, value in defaults.items()
                if key in DEFAULTS)
 
@@ -174,6 +199,16 @@ def add_hyperparameter_args(parser: argparse.ArgumentParser | Any) -> None:
     for key, (default, help_text) in HYPERPARAMETERS.items():
         flags = [f"--{name.replace('_', '-')}" for name in (key, old_names.get(key))
                  if name]
+        per_task = {task: values[key] for (model, task), values in TASK_DEFAULTS.items()
+                    if key in values}
+        if per_task:  # left unset (None), it takes the task's default
+            parser.add_argument(*flags, type=type(default), default=None,
+                                choices=CHOICES.get(key), help=(
+                                    f"{help_text} (default: {default}; "
+                                    + ", ".join(f"{value} on {task}" for task, value
+                                                in per_task.items())
+                                    + ", chosen on validation: README)"))
+            continue
         if default is None or isinstance(default, bool):
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
@@ -424,7 +459,7 @@ def check_same_recipe(path: str | os.PathLike, model: str, task: str,
         return {**{key: value for key, value in hyper.items() if key in DEFAULTS},
                 "ensemble": members}
 
-    ours = settings(params, ensemble)
+    ours = settings(with_task_defaults(params, model, task), ensemble)
     for fold_key, entry in (read_json_results(path).get(task) or {}).items():
         if not re.fullmatch(r"fold_\d+", fold_key) or not isinstance(entry, dict):
             continue
@@ -530,7 +565,8 @@ def check_run_args(args: Sequence[str], model: str, run_name: str,
                    ) -> tuple[dict[str, Any], int]:
     """Check an element's run_matbench.py arguments (from run_matbench_args) with its
     own parser and argument checks, so that a typo fails here, not in every element.
-    Returns the elements' hyperparameters (DEFAULTS completed) and ensemble size."""
+    Returns the elements' hyperparameters (None where each task takes its own
+    default: with_task_defaults) and ensemble size."""
     task = ALL_TASKS[0] if model == "roostformer" else STRUCTURE_TASKS[0]
     parser = build_run_parser()
     parser.prog = "run_matbench.py"  # in its messages for bad values
@@ -564,9 +600,10 @@ def check_run_args(args: Sequence[str], model: str, run_name: str,
         raise UserError(f"--ensemble must be at least 1, got {ns.ensemble}")
     if requeue and ns.checkpoint != "local":
         raise UserError("--requeue resumes from checkpoints: drop --checkpoint none")
-    params = {key: getattr(ns, key) for key in DEFAULTS}
+    params = {key: getattr(ns, key) for key in DEFAULTS}  # None: the task's default
     params["embedding_aggregations"] = tuple(params["embedding_aggregations"])
-    check_args(model, task, 0, params, ns.wandb, ns.checkpoint)
+    check_args(model, task, 0, with_task_defaults(params, model, task), ns.wandb,
+               ns.checkpoint)
     check_device(ns.device)
     return params, ns.ensemble
 

@@ -14,6 +14,7 @@ set -euo pipefail
 out="${1:-results/search}"
 python run_folds.py --model roostformer --run-name D --folds 0 1 --per-task \
     --out-dir "$out" --ensemble 3 --epochs 100 --amp --frac-jitter 0.02 \
+    --frac-encoding-dims 64 \
     --ensemble-aggregation auto --prior-threshold --no-val-threshold \
     --tasks matbench_expt_gap matbench_glass --grid dim_feedforward=2048,512 \
     --table benchmarks/recipe_search/stageD.csv

@@ -13,6 +13,7 @@ out="${1:-results/search}"
 tables=benchmarks/recipe_search
 common=(--model roostformer --run-name A --folds 0 1 --per-task --out-dir "$out"
         --ensemble 3 --epochs 100 --amp --ensemble-aggregation mean --no-val-threshold
+        --frac-encoding-dims 64
         --no-prior-threshold)
 # the gated output x fraction jitter on expt_gap (gate=true with jitter 0.02 was
 # stopped after gate=true alone collapsed on fold 0)

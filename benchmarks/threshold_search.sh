@@ -10,6 +10,7 @@ set -euo pipefail
 out="${1:-results/search}"
 python run_folds.py --model roostformer --run-name C --tasks matbench_glass \
     --folds 0 1 --per-task --out-dir "$out" --ensemble 3 --epochs 100 --amp \
+    --frac-encoding-dims 64 \
     --ensemble-aggregation mean --no-val-threshold --no-prior-threshold \
     --grid frac_jitter=0.02 \
     --table benchmarks/recipe_search/stageC_glass.csv

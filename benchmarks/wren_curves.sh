@@ -16,6 +16,7 @@ set -euo pipefail
 out="${1:-results/search}"; shift || true
 tables=benchmarks/recipe_search
 common=(--tasks matbench_phonons --per-task --out-dir "$out" --checkpoint local --amp
+        --frac-encoding-dims 64
         "$@")
 python run_folds.py --model roostformer --run-name E-roostformer "${common[@]}"
 python run_folds.py --model wrenformer --run-name E-wrenformer "${common[@]}"

@@ -14,7 +14,8 @@ set -euo pipefail
 out="${1:-results/search}"
 tables=benchmarks/recipe_search
 common=(--tasks matbench_phonons --folds 0 1 --per-task --out-dir "$out" --ensemble 3
-        --epochs 100 --amp --frac-jitter 0.02 --ensemble-aggregation median)
+        --epochs 100 --amp --frac-jitter 0.02 --ensemble-aggregation median
+        --frac-encoding-dims 64)
 python run_folds.py --model roostformer --run-name B-roostformer "${common[@]}" \
     --grid frac_jitter=0.02 --table "$tables/stageB_phonons_roostformer.csv"
 python run_folds.py --model wrenformer --run-name B-wrenformer "${common[@]}" \

@@ -11,6 +11,7 @@ from mat_bench.data import UserError
 from mat_bench.runs import (
     DEFAULTS,
     HYPERPARAMETERS,
+    TASK_DEFAULTS,
     build_run_parser,
     check_model_task,
     checkpoint_path,
@@ -40,9 +41,11 @@ def test_flags_defaults_and_help_come_from_hyperparameters():
     parser = build_run_parser()
     args = vars(parser.parse_args(["--model", "roostformer", "--task", "t",
                                    "--fold", "0"]))
+    per_task = {key for values in TASK_DEFAULTS.values() for key in values}
     for key, default in DEFAULTS.items():
         want = list(default) if isinstance(default, tuple) else default
-        assert args[key] == want, key
+        # a hyperparameter with per-task defaults is left unset: each task's own
+        assert args[key] == (None if key in per_task else want), key
     text = parser.format_help()
     for key in HYPERPARAMETERS:
         assert f"--{key.replace('_', '-')}" in text
@@ -125,7 +128,8 @@ def test_hyperparameters_that_do_not_act_are_not_compared():
     from mat_bench import runs
 
     other = "raw" if DEFAULTS["wyckoff_features"] == "max" else "max"
-    roost = {**DEFAULTS, "model": "roostformer", "task": "matbench_glass"}
+    roost = {**runs.task_defaults("roostformer", "matbench_glass"),
+             "model": "roostformer", "task": "matbench_glass"}
     wren = {**DEFAULTS, "model": "wrenformer", "task": "matbench_phonons"}
     assert runs.acts("wyckoff_features", "wrenformer", "matbench_phonons")
     assert not runs.acts("wyckoff_features", "roostformer", "matbench_phonons")
@@ -252,3 +256,46 @@ def test_a_run_name_holds_one_recipe_per_task(tmp_path):
     with pytest.raises(UserError, match="ensemble 5 \\(this run: 1\\)"):
         merge_run_results(src, dest)
     assert scores.read_bytes() == before
+
+
+def test_a_task_default_applies_unless_a_flag_sets_it(tmp_path):
+    import json
+
+    from mat_bench.run_matbench import check_request
+    from mat_bench.runs import at_defaults, check_same_recipe, with_task_defaults
+
+    parser = build_run_parser()
+    (model, task), values = next(iter(TASK_DEFAULTS.items()))
+    key, value = next(iter(values.items()))
+    flag = f"--{key.replace('_', '-')}"
+    other = "matbench_steels"
+    assert (model, other) not in TASK_DEFAULTS and DEFAULTS[key] != value
+
+    def params(*args: str, on: str = task, as_model: str = model) -> dict:
+        ns = vars(parser.parse_args(["--model", as_model, "--task", on, "--fold", "0",
+                                     *args]))
+        hyper = {name: ns[name] for name in DEFAULTS}
+        return check_request(as_model, on, [0], 1, "r", tmp_path, "cpu", "disabled",
+                             "none", hyper)[0]
+
+    assert params()[key] == value
+    assert params(flag, str(DEFAULTS[key]))[key] == DEFAULTS[key]  # a flag wins
+    assert params(on=other)[key] == DEFAULTS[key]
+    assert with_task_defaults({}, model, task)[key] == value
+    if model == "roostformer":  # the other model keeps the plain default
+        assert with_task_defaults({}, "wrenformer", task)[key] == DEFAULTS[key]
+    # today's rows: at the task's default, not the plain one
+    recorded = {**DEFAULTS, "model": model, "task": task,
+                "embedding_aggregations": list(DEFAULTS["embedding_aggregations"])}
+    assert not at_defaults(recorded)
+    assert at_defaults({**recorded, key: value})
+    assert at_defaults({**recorded, "task": other})
+    # folds recorded at the plain default are not joined by the task's default
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({task: {"fold_0": {
+        "mae": 1.0, "params": {**recorded, "ensemble": 1}}}}))
+    check_same_recipe(scores, model, task, {key: DEFAULTS[key]}, 1)
+    with pytest.raises(UserError, match=f"{key} {DEFAULTS[key]!r} \\(this run: "
+                       f"{value!r}\\)"):
+        check_same_recipe(scores, model, task, {key: None}, 1)
+    assert "0 on matbench_glass" in " ".join(parser.format_help().split())
