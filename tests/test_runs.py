@@ -258,6 +258,37 @@ def test_a_run_name_holds_one_recipe_per_task(tmp_path):
     assert scores.read_bytes() == before
 
 
+def test_task_defaults_follow_from_the_validation_search():
+    """TASK_DEFAULTS is what stage F's rule picks from its committed table: the
+    fraction encoding off where that lowers the validation error by more than
+    FRAC_ENCODING_MARGIN (expt_gap's and glass's runs with it are stage D's)."""
+    import pandas as pd
+
+    from mat_bench.runs import FRAC_ENCODING_MARGIN
+
+    tables = REPO / "benchmarks" / "recipe_search"
+    stage_f = pd.read_csv(tables / "stageF.csv")
+    stage_d = pd.read_csv(tables / "stageD.csv")
+    with_it = stage_d[stage_d.run == "D-dim_feedforward=2048"].assign(
+        run="F-frac_encoding_dims=64")
+    rows = pd.concat([stage_f, with_it]).set_index(["run", "task"])
+
+    def error(run: str, task: str) -> float:
+        row = rows.loc[(run, task)]
+        return row.val_mae if pd.notna(row.get("val_mae")) else 1 - row.val_rocauc_prob
+
+    on_off = ("F-frac_encoding_dims=64", "F-frac_encoding_dims=0")
+    tasks = [task for task in dict.fromkeys(task for _, task in rows.index)
+             if all((run, task) in rows.index for run in on_off)]
+    assert {"matbench_glass", "matbench_expt_gap"} <= set(tasks)
+    chosen = {}
+    for task in tasks:
+        on, off = (error(run, task) for run in on_off)
+        if off < (1 - FRAC_ENCODING_MARGIN) * on:
+            chosen[("roostformer", task)] = {"frac_encoding_dims": 0}
+    assert chosen == TASK_DEFAULTS
+
+
 def test_a_task_default_applies_unless_a_flag_sets_it(tmp_path):
     import json
 
