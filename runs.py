@@ -199,13 +199,13 @@ def add_hyperparameter_args(parser: argparse.ArgumentParser | Any) -> None:
     for key, (default, help_text) in HYPERPARAMETERS.items():
         flags = [f"--{name.replace('_', '-')}" for name in (key, old_names.get(key))
                  if name]
-        per_task = {task: values[key] for (model, task), values in TASK_DEFAULTS.items()
-                    if key in values}
+        per_task = {f"{model} on {task}": values[key]
+                    for (model, task), values in TASK_DEFAULTS.items() if key in values}
         if per_task:  # left unset (None), it takes the task's default
             parser.add_argument(*flags, type=type(default), default=None,
                                 choices=CHOICES.get(key), help=(
                                     f"{help_text} (default: {default}; "
-                                    + ", ".join(f"{value} on {task}" for task, value
+                                    + ", ".join(f"{value} for {where}" for where, value
                                                 in per_task.items())
                                     + ", chosen on validation: README)"))
             continue

@@ -329,4 +329,5 @@ def test_a_task_default_applies_unless_a_flag_sets_it(tmp_path):
     with pytest.raises(UserError, match=f"{key} {DEFAULTS[key]!r} \\(this run: "
                        f"{value!r}\\)"):
         check_same_recipe(scores, model, task, {key: None}, 1)
-    assert "0 on matbench_glass" in " ".join(parser.format_help().split())
+    assert "0 for roostformer on matbench_glass" in " ".join(
+        parser.format_help().split())
