@@ -202,21 +202,20 @@ def add_hyperparameter_args(parser: argparse.ArgumentParser | Any) -> None:
         per_task = {f"{model} on {task}": values[key]
                     for (model, task), values in TASK_DEFAULTS.items() if key in values}
         if per_task:  # left unset (None), it takes the task's default
-            parser.add_argument(*flags, type=type(default), default=None,
-                                choices=CHOICES.get(key), help=(
-                                    f"{help_text} (default: {default}; "
-                                    + ", ".join(f"{value} for {where}" for where, value
-                                                in per_task.items())
-                                    + ", chosen on validation: README)"))
-            continue
+            help_text = (f"{help_text} (default: {default}; "
+                         + ", ".join(f"{value} for {where}"
+                                     for where, value in per_task.items())
+                         + ", chosen on validation: README)")
+        unset = None if per_task else default
         if default is None or isinstance(default, bool):
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_text)
+                                default=unset, help=help_text)
         elif isinstance(default, tuple):
-            parser.add_argument(*flags, nargs="+", default=list(default),
-                                choices=CHOICES.get(key), help=help_text)
+            parser.add_argument(*flags, nargs="+", choices=CHOICES.get(key),
+                                default=None if per_task else list(default),
+                                help=help_text)
         else:
-            parser.add_argument(*flags, type=type(default), default=default,
+            parser.add_argument(*flags, type=type(default), default=unset,
                                 choices=CHOICES.get(key), help=help_text)
 
 

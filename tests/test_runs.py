@@ -331,3 +331,28 @@ def test_a_task_default_applies_unless_a_flag_sets_it(tmp_path):
         check_same_recipe(scores, model, task, {key: None}, 1)
     assert "0 for roostformer on matbench_glass" in " ".join(
         parser.format_help().split())
+
+
+def test_per_task_switches_and_lists_keep_their_kind_of_flag(monkeypatch):
+    """A switch or a list hyperparameter with a per-task default still takes
+    --x/--no-x or several values; left unset it is None, and the task's default."""
+    from mat_bench import runs
+
+    monkeypatch.setattr(runs, "TASK_DEFAULTS", {
+        ("roostformer", "matbench_glass"): {"gate": True,
+                                             "embedding_aggregations": ("max",)}})
+    parser = build_run_parser()
+
+    def parsed(*args: str) -> dict:
+        return vars(parser.parse_args(["--model", "roostformer", "--task",
+                                       "matbench_glass", "--fold", "0", *args]))
+
+    unset = parsed()
+    assert unset["gate"] is None and unset["embedding_aggregations"] is None
+    resolved = runs.with_task_defaults(
+        {key: unset[key] for key in DEFAULTS}, "roostformer", "matbench_glass")
+    assert resolved["gate"] is True and resolved["embedding_aggregations"] == ("max",)
+    given = parsed("--no-gate", "--embedding-aggregations", "mean", "std")
+    assert given["gate"] is False and given["embedding_aggregations"] == ["mean", "std"]
+    text = " ".join(parser.format_help().split())
+    assert "--no-gate" in text and "True for roostformer on matbench_glass" in text
