@@ -99,6 +99,8 @@ DEFAULTS: dict[str, Any] = {key: default
 # probabilities) by more than FRAC_ENCODING_MARGIN
 TASK_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("roostformer", "matbench_glass"): {"frac_encoding_dims": 0},
+    ("roostformer", "matbench_jdft2d"): {"frac_encoding_dims": 0},
+    ("roostformer", "matbench_phonons"): {"frac_encoding_dims": 0},
 }
 FRAC_ENCODING_MARGIN = 0.02
 CHOICES = {"ensemble_aggregation": ("auto", "mean", "median"),
