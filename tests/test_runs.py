@@ -5,9 +5,10 @@ import ast
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from mat_bench.data import UserError
+from mat_bench.data import UserError, read_json_results
 from mat_bench.runs import (
     DEFAULTS,
     HYPERPARAMETERS,
@@ -16,6 +17,7 @@ from mat_bench.runs import (
     check_model_task,
     checkpoint_path,
     preds_path,
+    recorded_params,
     scores_path,
 )
 
@@ -259,34 +261,62 @@ def test_a_run_name_holds_one_recipe_per_task(tmp_path):
 
 
 def test_task_defaults_follow_from_the_validation_search():
-    """TASK_DEFAULTS is what stage F's rule picks from its committed table: the
+    """TASK_DEFAULTS is what stage F's rule picks from its committed tables: the
     fraction encoding off where that lowers the validation error by more than
-    FRAC_ENCODING_MARGIN (expt_gap's and glass's runs with it are stage D's)."""
+    FRAC_ENCODING_MARGIN (expt_gap's and glass's Roostformer runs with it are stage
+    D's; Wrenformer's runs have their own table and names)."""
     import pandas as pd
 
     from mat_bench.runs import FRAC_ENCODING_MARGIN
 
     tables = REPO / "benchmarks" / "recipe_search"
-    stage_f = pd.read_csv(tables / "stageF.csv")
     stage_d = pd.read_csv(tables / "stageD.csv")
     with_it = stage_d[stage_d.run == "D-dim_feedforward=2048"].assign(
         run="F-frac_encoding_dims=64")
-    rows = pd.concat([stage_f, with_it]).set_index(["run", "task"])
-
-    def error(run: str, task: str) -> float:
-        row = rows.loc[(run, task)]
-        return row.val_mae if pd.notna(row.get("val_mae")) else 1 - row.val_rocauc_prob
-
-    on_off = ("F-frac_encoding_dims=64", "F-frac_encoding_dims=0")
-    tasks = [task for task in dict.fromkeys(task for _, task in rows.index)
-             if all((run, task) in rows.index for run in on_off)]
-    assert {"matbench_glass", "matbench_expt_gap"} <= set(tasks)
+    searched = {"roostformer": (pd.concat([pd.read_csv(tables / "stageF.csv"),
+                                           with_it]), "F")}
     chosen = {}
-    for task in tasks:
-        on, off = (error(run, task) for run in on_off)
-        if off < (1 - FRAC_ENCODING_MARGIN) * on:
-            chosen[("roostformer", task)] = {"frac_encoding_dims": 0}
+    for model, (table, prefix) in searched.items():
+        rows = table.set_index(["run", "task"])
+
+        def error(run: str, task: str, rows: pd.DataFrame = rows) -> float:
+            row = rows.loc[(run, task)]
+            return (row.val_mae if pd.notna(row.get("val_mae"))
+                    else 1 - row.val_rocauc_prob)
+
+        on_off = (f"{prefix}-frac_encoding_dims=64", f"{prefix}-frac_encoding_dims=0")
+        tasks = [task for task in dict.fromkeys(task for _, task in rows.index)
+                 if all((run, task) in rows.index for run in on_off)]
+        assert tasks, model
+        for task in tasks:
+            on, off = (error(run, task) for run in on_off)
+            if off < (1 - FRAC_ENCODING_MARGIN) * on:
+                chosen[(model, task)] = {"frac_encoding_dims": 0}
+    assert {("roostformer", "matbench_glass"), ("roostformer", "matbench_jdft2d")} \
+        <= set(chosen)
+    # confirmed on the full runs' validation splits where both exist (5 folds each)
+    confirmed = 0
+    for model, task in list(chosen):
+        runs = [read_json_results(REPO / "model_scores" / f"{model}-{version}.json")
+                .get(task, {}) for version in ("v2", "v3")]
+        folds = [f"fold_{fold}" for fold in range(5)]
+        if not all(fold in run for run in runs for fold in folds):
+            continue
+        on, off = (np.mean([fold_error(run[fold]) for fold in folds]) for run in runs)
+        assert [recorded_params(run[fold]["params"])["frac_encoding_dims"]
+                for run in runs for fold in folds] == [64] * 5 + [0] * 5
+        confirmed += 1
+        if not off < (1 - FRAC_ENCODING_MARGIN) * on:
+            del chosen[(model, task)]
+    assert confirmed >= 2  # glass and jdft2d
     assert chosen == TASK_DEFAULTS
+
+
+def fold_error(scores: dict) -> float:
+    """A fold's validation error: its ensemble's MAE, or 1 - ROC-AUC of the
+    probabilities."""
+    return (scores["val_mae"] if "val_mae" in scores
+            else 1 - scores["val_rocauc_prob"])
 
 
 def test_a_task_default_applies_unless_a_flag_sets_it(tmp_path):
