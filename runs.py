@@ -102,6 +102,7 @@ DEFAULTS: dict[str, Any] = {key: default
 TASK_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("roostformer", "matbench_glass"): {"frac_encoding_dims": 0},
     ("roostformer", "matbench_phonons"): {"frac_encoding_dims": 0},
+    ("wrenformer", "matbench_phonons"): {"frac_encoding_dims": 0},
 }
 FRAC_ENCODING_MARGIN = 0.02
 CHOICES = {"ensemble_aggregation": ("auto", "mean", "median"),
