@@ -5,7 +5,8 @@
 # (rerun here as H-batch_size=128, so the table is self-contained): batch 256 (the
 # size CrabNet's rule, 2^round(log2(n) - 4), gives dielectric's ~3,400 training
 # materials), aviary's robust L1 with a learned uncertainty (CrabNet's loss), and
-# encoder dropout 0.1. Stage A's protocol on the validation splits of training
+# encoder dropout 0.1 (and, added after robust L1 collapsed, robust L1 at half the
+# learning rate). Stage A's protocol on the validation splits of training
 # folds 0 and 1 only (never a test fold): 3 seeds per fold stacked with the fold,
 # 100 epochs. The rule, fixed before the runs: a lever is proposed where it lowers
 # the validation MAE by more than 2% (stage F's margin; of several, the best), and
@@ -20,15 +21,24 @@ common=(--model roostformer --run-name H --folds 0 1 --per-task --out-dir "$out"
         --ensemble 3 --epochs 100 --amp --frac-jitter 0.02
         --ensemble-aggregation auto --tasks matbench_dielectric)
 python run_folds.py "${common[@]}" --grid batch_size=128,256
-python run_folds.py "${common[@]}" --grid robust=true
+# robust L1 at today's learning rate: 5 of its 6 members collapsed (each predicting
+# one value), so its fold 0 is not recorded and run_folds.py fails; the table keeps
+# what was recorded, and a run recorded on fewer folds or members than the
+# protocol's is not eligible under the rule
+python run_folds.py "${common[@]}" --grid robust=true || true
 python run_folds.py "${common[@]}" --grid dropout=0.1
+# a follow-up added after that collapse (the same rule): robust L1 at half the
+# learning rate
+python run_folds.py "${common[@]}" --run-name H-robust --robust \
+    --grid learning_rate=5e-4
 OUT_DIR="$out" python - <<'PY'
 import os
 from pathlib import Path
 
 from mat_bench.run_folds import validation_table
 
-runs = ["H-batch_size=128", "H-batch_size=256", "H-robust=true", "H-dropout=0.1"]
+runs = ["H-batch_size=128", "H-batch_size=256", "H-robust=true", "H-dropout=0.1",
+        "H-robust-learning_rate=5e-4"]
 table = validation_table(Path(os.environ["OUT_DIR"]), runs)
 print(table.to_string(index=False))
 table.to_csv("benchmarks/recipe_search/stageH_dielectric.csv", index=False,
