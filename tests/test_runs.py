@@ -341,7 +341,8 @@ def test_dielectric_levers_follow_from_stage_h():
 
     table = pd.read_csv(REPO / "benchmarks" / "recipe_search" / "stageH_dielectric.csv")
     assert set(table.task) == {"matbench_dielectric"}
-    screened = {"H-batch_size=128", "H-batch_size=256", "H-robust=true", "H-dropout=0.1"}
+    screened = {"H-batch_size=128", "H-batch_size=256", "H-robust=true",
+                "H-dropout=0.1"}
     assert screened <= set(table.run) <= screened | {"H-robust-learning_rate=5e-4"}
     # a run recorded on fewer folds or members than the protocol's is not eligible
     # (robust L1 at today's learning rate: 5 of its 6 members collapsed)
