@@ -132,7 +132,8 @@ def test_hyperparameters_that_do_not_act_are_not_compared():
     other = "raw" if DEFAULTS["wyckoff_features"] == "max" else "max"
     roost = {**runs.task_defaults("roostformer", "matbench_glass"),
              "model": "roostformer", "task": "matbench_glass"}
-    wren = {**DEFAULTS, "model": "wrenformer", "task": "matbench_phonons"}
+    wren = {**runs.task_defaults("wrenformer", "matbench_phonons"),
+            "model": "wrenformer", "task": "matbench_phonons"}
     assert runs.acts("wyckoff_features", "wrenformer", "matbench_phonons")
     assert not runs.acts("wyckoff_features", "roostformer", "matbench_phonons")
     assert not runs.acts("gate", "roostformer", "matbench_glass")
