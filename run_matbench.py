@@ -136,6 +136,15 @@ def load_task(model: str, task: str, folds: Sequence[int]
     return df, col, fold_ids
 
 
+def check_log_target(task: str, targets: pd.Series) -> None:
+    """UserError unless every target of `task` has a log (--log-target)."""
+    low = targets[targets <= 0]
+    if len(low):
+        raise UserError(f"--log-target needs targets above 0, but {len(low)} of "
+                        f"{task}'s are not (smallest {low.min():g}): drop "
+                        "--log-target")
+
+
 def split_members(df: pd.DataFrame, input_col: str,
                   fold_ids: dict[int, tuple[list[str], list[str]]], ensemble: int,
                   seed: int, val_fraction: float) -> tuple[list, pd.DataFrame]:
@@ -652,6 +661,7 @@ def train_config(params: dict[str, Any], task_type: str, dev: Any,
         learning_rate=params["learning_rate"], weight_decay=params["weight_decay"],
         warmup_frac=params["warmup_frac"], robust=params["robust"],
         gate=params["gate"] and task_type == "regression",
+        log_target=params["log_target"] and task_type == "regression",
         frac_jitter=params["frac_jitter"],
         amp=dev.type == "cuda" if params["amp"] is None else params["amp"],
         cuda_graphs=cuda_graphs,
@@ -783,6 +793,8 @@ def run_matbench(
     # 2. data: the task's rows, each member's training and validation split
     df, input_col, fold_ids = load_task(model, task, folds)
     task_type = TASK_INFO[task].task_type
+    if params["log_target"] and task_type == "regression":
+        check_log_target(task, df["target"])
     members, rows = split_members(df, input_col, fold_ids, ensemble, params["seed"],
                                   params["val_fraction"])
     dev = open_device(device, model, cuda_graphs)

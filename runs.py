@@ -64,6 +64,10 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
     "robust": (False, "aviary's robust L1 loss with a learned uncertainty"),
     "gate": (False, "regression tasks (others ignore it): the prediction times the "
                     "sigmoid of a second output, as CrabNet's, so it can be exactly 0"),
+    "log_target": (False, "regression tasks (others ignore it): fit the log of the "
+                          "targets (all must be above 0) and predict exp of the "
+                          "output. L1's best prediction, the median, is the same; "
+                          "the scale the model learns on is not"),
     "frac_jitter": (0.02, "training augmentation: fractions x (1 + jitter x N(0, 1)), "
                           "renormalized, as CrabNet's (chosen on validation: README)"),
     "ensemble_aggregation": ("auto", "a fold's prediction from its --ensemble "
@@ -152,10 +156,10 @@ def recorded_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def acts(key: str, model: str | None, task: str | None) -> bool:
     """Whether a hyperparameter acts in a run of `model` on `task` (None: unknown,
-    so it may): the gate on regression tasks only, the thresholds on
+    so it may): the gate and log target on regression tasks only, the thresholds on
     classification only, the Wyckoff features in Wrenformer only."""
     task_type = TASK_INFO[task].task_type if task in TASK_INFO else None
-    if key == "gate":
+    if key in ("gate", "log_target"):
         return task_type != "classification"
     if key in ("val_threshold", "prior_threshold"):
         return task_type != "regression"
@@ -276,6 +280,10 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
     if params["wyckoff_features"] not in CHOICES["wyckoff_features"]:
         raise UserError("--wyckoff-features must be raw or max, got "
                         f"{params['wyckoff_features']!r}")
+    if (params["log_target"] and params["gate"]
+            and TASK_INFO[task].task_type == "regression"):
+        raise UserError("--log-target and --gate cannot be combined (the gate predicts "
+                        "exact zeros, which have no log): drop one of them")
     if params["val_threshold"] and not params["val_fraction"]:
         raise UserError("--val-threshold needs a validation split: set --val-fraction "
                         "above 0")

@@ -590,6 +590,7 @@ class TrainConfig:
     warmup_frac: float = DEFAULTS["warmup_frac"]
     robust: bool = DEFAULTS["robust"]
     gate: bool = DEFAULTS["gate"]  # regression: prediction x sigmoid(gate output)
+    log_target: bool = DEFAULTS["log_target"]  # regression: fit log(target)
     frac_jitter: float = DEFAULTS["frac_jitter"]  # fractions x (1 + jitter x N(0, 1))
     amp: bool = False  # bf16 compute, fp32 weights and optimizer (runs: per device)
     cuda_graphs: bool = False  # capture the whole training step (CUDA, Roostformer)
@@ -691,6 +692,8 @@ def member_losses(output: Tensor, targets: Tensor, weight: Tensor, cfg: TrainCon
     cross-entropy (classification); aviary's robust variants with --robust."""
     output = output.float()
     if cfg.task_type == "regression":
+        if cfg.log_target:  # the pad row's target 0 is clamped (its weight is 0)
+            targets = torch.log(targets.clamp(min=1e-12))
         normed = (targets - norm_mean[:, None]) / norm_std[:, None]
         pred, log_std = regression_output(output, cfg, norm_mean, norm_std)
         if log_std is not None:  # aviary.losses.robust_l1_loss, per material
@@ -716,7 +719,8 @@ def output_to_prediction(output: Tensor, cfg: TrainConfig, norm_mean: Tensor,
     output = output.float()
     if cfg.task_type == "regression":
         pred, _ = regression_output(output, cfg, norm_mean, norm_std)
-        return pred * norm_std[:, None] + norm_mean[:, None]
+        pred = pred * norm_std[:, None] + norm_mean[:, None]
+        return torch.exp(pred) if cfg.log_target else pred
     logits = output[..., : output.shape[-1] // 2] if cfg.robust else output
     return logits.softmax(dim=-1)[..., 1]
 
@@ -883,8 +887,10 @@ def new_train_state(model: str, data: TaskData, members: Sequence[Member],
     cfg.amp on a CPU, training runs on a Bf16Copy (the optimizer updates its flat fp32
     master); on CUDA, under autocast. model_kwargs go to aviary's Wrenformer (d_model,
     n_attn_layers, n_attn_heads, dropout, embedding_aggregations, ...)."""
-    if cfg.gate and cfg.task_type != "regression":
-        raise ValueError("a gate takes regression tasks only")
+    if (cfg.gate or cfg.log_target) and cfg.task_type != "regression":
+        raise ValueError("a gate or a log target takes regression tasks only")
+    if cfg.gate and cfg.log_target:
+        raise ValueError("a gate predicts exact zeros, which a log target cannot fit")
     if cfg.cuda_graphs and data.is_wren:
         raise ValueError("CUDA graphs take Roostformer only (Wrenformer's steps vary "
                          "in their number of sequences)")
@@ -901,6 +907,11 @@ def new_train_state(model: str, data: TaskData, members: Sequence[Member],
     for member in members:
         targets = data.targets[torch.as_tensor(member.fit_idx, device=data.device)]
         if cfg.task_type == "regression":  # as aviary's Normalizer fits
+            if cfg.log_target:
+                if (targets <= 0).any():
+                    raise ValueError("a log target needs every training target "
+                                     "above 0")
+                targets = torch.log(targets)
             means.append(targets.double().mean())
             stds.append(targets.double().std())
         else:

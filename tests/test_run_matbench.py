@@ -726,6 +726,7 @@ def test_members_of_a_fold_share_their_validation_split():
     (["--task", "matbench_glass", "--val-threshold", "--val-fraction", "0"],
      "needs a validation split"),
     (["--task", "matbench_steels", "--frac-jitter", "0.7"], "--frac-jitter must be"),
+    (["--task", "matbench_steels", "--log-target", "--gate"], "cannot be combined"),
 ])
 def test_lever_mistakes_say_what_to_do(tmp_path, capsys, flags, message):
     code = run_main(["--model", "roostformer", "--fold", "0", *flags,
@@ -733,6 +734,24 @@ def test_lever_mistakes_say_what_to_do(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not list(tmp_path.iterdir())
+
+
+def test_log_target_of_a_task_with_zeros_is_refused_before_training(
+        featurized, tmp_path, capsys):
+    """expt_gap's metals have a band gap of 0 eV, which has no log: --log-target
+    says so in one line after loading the task and before training or writing;
+    classification ignores the flag (it does not act there)."""
+    featurized("matbench_expt_gap")
+    code = run_main(["--model", "roostformer", "--task", "matbench_expt_gap",
+                     "--fold", "0", "--log-target", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--log-target needs targets above 0" in err and "drop --log-target" in err
+    assert not list(tmp_path.iterdir())
+    from mat_bench import runs
+
+    assert not runs.acts("log_target", "roostformer", "matbench_glass")
+    assert runs.acts("log_target", "roostformer", "matbench_dielectric")
 
 
 def test_labels_above_the_training_share_of_class_1(featurized, tmp_path):

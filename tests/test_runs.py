@@ -343,7 +343,8 @@ def test_dielectric_levers_follow_from_stage_h():
     # each run's settings against today's defaults (H-batch_size=128), by its name
     levers = {"H-batch_size=256": {"batch_size": 256},
               "H-robust=true": {"robust": True}, "H-dropout=0.1": {"dropout": 0.1},
-              "H-robust-learning_rate=5e-4": {"robust": True, "learning_rate": 5e-4}}
+              "H-robust-learning_rate=5e-4": {"robust": True, "learning_rate": 5e-4},
+              "H-log_target=true": {"log_target": True}}
     table = pd.read_csv(REPO / "benchmarks" / "recipe_search" / "stageH_dielectric.csv")
     assert set(table.task) == {"matbench_dielectric"}
     screened = {"H-batch_size=128", "H-batch_size=256", "H-robust=true",

@@ -23,14 +23,19 @@ N_ROWS = 100  # materials in each fixture
 TINY = {"d_model": 32, "n_attn_heads": 2, "n_attn_layers": 1}
 
 
-def task_data(model: str, n_rows: int = N_ROWS) -> training.TaskData:
-    """The first n_rows materials of the committed fixtures: steels (roostformer) or
-    phonons with Wyckoff labels (wrenformer); no real data needed."""
+def fixture(model: str, n_rows: int = N_ROWS) -> tuple[training.Tokens, np.ndarray]:
+    """The first n_rows materials of the committed fixtures, tokens and targets:
+    steels (roostformer) or phonons with Wyckoff labels (wrenformer); no real data
+    needed."""
     task, col = (("matbench_phonons", "protostructure") if model == "wrenformer"
                  else ("matbench_steels", "composition"))
     df = pd.read_csv(FIXTURES / f"{task}-100.csv", index_col="mbid")[:n_rows]
-    return training.TaskData(training.tokenize(model, list(df[col])),
-                             df.target.to_numpy(np.float32), CPU)
+    return training.tokenize(model, list(df[col])), df.target.to_numpy(np.float32)
+
+
+def task_data(model: str, n_rows: int = N_ROWS) -> training.TaskData:
+    """The fixture's materials on the CPU."""
+    return training.TaskData(*fixture(model, n_rows), CPU)
 
 
 def members_of(n_rows: int, n_members: int, seed: int = 0) -> list[training.Member]:
@@ -414,6 +419,39 @@ def test_gate_can_predict_exact_zeros_whatever_the_mean():
     torch.testing.assert_close(
         training.member_losses(robust, targets, weight, config(gate=True, robust=True),
                                mean, std), 2**0.5 * expect)
+
+
+def test_log_target_fits_the_log_and_predicts_its_exp():
+    """--log-target: the normalizer is fitted on log(target), the loss is L1 of
+    normalized logs (the pad row's target 0 gives a finite loss at weight 0), and
+    the prediction is exp of the de-normalized output."""
+    data = task_data("roostformer")  # steels: yield strengths, all above 0
+    members = members_of(N_ROWS, 2)
+    cfg = config(log_target=True, **EXACT)
+    state = training.new_train_state("roostformer", data, members, cfg, **TINY)
+    for m, member in enumerate(members):
+        logs = np.log(data.targets[member.fit_idx].double().numpy())
+        assert state.norm_mean[m].item() == pytest.approx(logs.mean(), rel=1e-6)
+        assert state.norm_std[m].item() == pytest.approx(logs.std(ddof=1), rel=1e-6)
+    mean, std = torch.tensor([5.0, 6.0]), torch.tensor([0.5, 2.0])
+    output = torch.randn(2, 4, 1)
+    pred = training.output_to_prediction(output, cfg, mean, std)
+    torch.testing.assert_close(pred, torch.exp(output[..., 0] * std[:, None]
+                                               + mean[:, None]))
+    targets = torch.tensor([[100.0, 200.0, 300.0, 0.0]] * 2)  # last: the pad row
+    weight = torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2)
+    normed = (torch.log(targets[:, :3]) - mean[:, None]) / std[:, None]
+    torch.testing.assert_close(
+        training.member_losses(output, targets, weight, cfg, mean, std),
+        (output[:, :3, 0] - normed).abs().mean(dim=1))
+    # a short run trains and predicts positive values, as the targets are
+    training.train(state, data, cfg, progress=False)
+    preds = training.predict(state, data, [np.arange(N_ROWS)] * 2, cfg)
+    assert all(np.isfinite(p).all() and (p > 0).all() for p in preds)
+    tokens, targets = fixture("roostformer")
+    bad = training.TaskData(tokens, np.zeros_like(targets), CPU)
+    with pytest.raises(ValueError, match="above 0"):
+        training.new_train_state("roostformer", bad, members, cfg, **TINY)
 
 
 def test_fraction_jitter_keeps_padding_and_sums():
