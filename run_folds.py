@@ -51,6 +51,7 @@ from mat_bench.runs import (
     check_run_args,
     check_run_name,
     check_same_recipe,
+    check_task_recipe,
     done_pairs,
     run_matbench_args,
     scores_path,
@@ -256,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     todo.append(fold)
             if todo:  # new folds join a task's recorded ones only at their recipe
+                check_task_recipe(args.model, task, recipes[name][0])
                 check_same_recipe(scores_path(out_dir, name), args.model, task,
                                   *recipes[name])
             groups = [todo] if args.per_task and todo else [[fold] for fold in todo]

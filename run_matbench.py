@@ -63,6 +63,7 @@ from mat_bench.runs import (
     check_args,
     check_device,
     check_folds,
+    check_log_target,
     check_out_dir,
     check_run_name,
     check_same_recipe,
@@ -134,15 +135,6 @@ def load_task(model: str, task: str, folds: Sequence[int]
                 f"--tasks {task} --force`"
             )
     return df, col, fold_ids
-
-
-def check_log_target(task: str, targets: pd.Series) -> None:
-    """UserError unless every target of `task` has a log (--log-target)."""
-    low = targets[targets <= 0]
-    if len(low):
-        raise UserError(f"--log-target needs targets above 0, but {len(low)} of "
-                        f"{task}'s are not (smallest {low.min():g}): drop "
-                        "--log-target")
 
 
 def split_members(df: pd.DataFrame, input_col: str,

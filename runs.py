@@ -32,6 +32,7 @@ from mat_bench.data import (
     UserError,
     check_fold,
     check_task,
+    load_featurized,
     merge_fold_results,
     preds_file,
     read_json_results,
@@ -300,6 +301,29 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
         raise UserError("--wandb must be disabled, offline or online")
     if checkpoint not in ("none", "local"):
         raise UserError("--checkpoint must be none or local")
+
+
+def check_log_target(task: str, targets: pd.Series) -> None:
+    """UserError unless every target of `task` has a log (--log-target)."""
+    targets = pd.to_numeric(targets, errors="coerce")
+    low = targets[targets <= 0]
+    if len(low):
+        raise UserError(f"--log-target needs targets above 0, but {len(low)} of "
+                        f"{task}'s are not (smallest {low.min():g}): drop "
+                        "--log-target")
+
+
+def check_task_recipe(model: str, task: str, params: dict[str, Any]) -> None:
+    """For a request of several tasks (run_folds.py, slurm_submit.py), before any job
+    starts: UserError where its flags (`params`, None where each task takes its own
+    default) cannot run on `task`: check_args at the task's defaults, and a log
+    target that the task's featurized targets (where the file exists) have none
+    for."""
+    params = with_task_defaults(params, model, task)
+    check_args(model, task, 0, params, "disabled", "none")
+    if (params["log_target"] and acts("log_target", model, task)
+            and os.path.isfile(DATA_PATHS[task])):
+        check_log_target(task, load_featurized(task)["target"])
 
 
 RUN_NAME_PATTERN = r"[\w+@=-][\w.+@=-]*"  # a plain file name: no path, no leading dot

@@ -63,6 +63,7 @@ from mat_bench.runs import (
     check_run_args,
     check_run_name,
     check_same_recipe,
+    check_task_recipe,
     done_pairs,
     gpu_count,
     run_matbench_args,
@@ -320,6 +321,7 @@ def submit_run(args: argparse.Namespace, extra: list[str]) -> int:
               "be rerun and overwritten (--only-missing skips them)", file=sys.stderr)
 
     for task in dict.fromkeys(task for task, _ in pairs):
+        check_task_recipe(args.model, task, recipe[0])
         check_same_recipe(scores, args.model, task, *recipe)
     elements = group_by_task(pairs) if args.per_task else pairs
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -235,6 +235,30 @@ def test_run_folds_bad_task(capsys):
     assert "unknown task 'matbench_nope'" in capsys.readouterr().err
 
 
+def test_run_folds_checks_every_task_before_any_job(tmp_path, capsys):
+    """Flags that cannot run on one of the tasks are refused in one line before any
+    job starts: Wrenformer on a composition-only task, --log-target where a target
+    is 0 (a task's featurized targets are read for it)."""
+    from mat_bench import DATA_PATHS
+
+    assert folds_main(["--model", "wrenformer", "--run-name", "x", "--tasks",
+                       "matbench_steels", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "use --model roostformer" in err and err.count("\n") == 1
+    gap = tmp_path / "gap.csv.gz"
+    pd.DataFrame({"mbid": ["mb-x-1", "mb-x-2"], "composition": ["NaCl", "Fe"],
+                  "target": [1.5, 0.0]}).to_csv(gap, index=False)
+    out_dir = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(DATA_PATHS, "matbench_expt_gap", str(gap))
+        assert folds_main(["--model", "roostformer", "--run-name", "x", "--tasks",
+                           "matbench_expt_gap", "--log-target", "--out-dir",
+                           str(out_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "drop --log-target" in err and err.count("\n") == 1
+    assert not out_dir.exists()
+
+
 def test_run_folds_refuses_a_run_name_holding_another_model(tmp_path, capsys):
     scores = tmp_path / "model_scores" / "mixed.json"
     scores.parent.mkdir()

@@ -136,6 +136,25 @@ def test_clear_errors(monkeypatch, tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_log_target_without_logs_is_refused_before_submitting(monkeypatch, tmp_path,
+                                                              capsys):
+    """A task whose targets include 0 (expt_gap's metals) cannot take --log-target:
+    one line before anything is written, whichever task of the request it is."""
+    fake_featurized(monkeypatch, tmp_path, "matbench_steels")
+    gap = tmp_path / "gap.csv.gz"
+    pd.DataFrame({"mbid": ["mb-x-1", "mb-x-2"], "composition": ["NaCl", "Fe"],
+                  "target": [1.5, 0.0]}).to_csv(gap, index=False)
+    monkeypatch.setitem(DATA_PATHS, "matbench_expt_gap", str(gap))
+    out_dir = tmp_path / "out"
+    argv = ["--model", "roostformer", "--run-name", "x", "--log-target", "--dry-run",
+            "--out-dir", str(out_dir), "--tasks", "matbench_steels"]
+    assert main([*argv, "matbench_expt_gap"]) == 2
+    err = capsys.readouterr().err
+    assert "1 of matbench_expt_gap's are not (smallest 0): drop --log-target" in err
+    assert not out_dir.exists()
+    assert main(argv) == 0  # steels' yield strengths are all above 0
+
+
 def test_no_sbatch_says_so_and_suggests_dry_run(monkeypatch, tmp_path, capsys):
     fake_featurized(monkeypatch, tmp_path, "matbench_steels")
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
