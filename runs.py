@@ -98,7 +98,7 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
 DEFAULTS: dict[str, Any] = {key: default
                              for key, (default, _) in HYPERPARAMETERS.items()}
 # where a task's default differs, chosen on validation by one rule (README "Choosing
-# the recipe", stages F and H; tests check that this follows from the committed
+# the recipe", stages F, H and I; tests check that this follows from the committed
 # tables and scores): a lever is proposed for a task where it lowers the validation
 # error (MAE, or 1 - ROC-AUC of the probabilities) by more than VALIDATION_MARGIN in
 # a screen on folds 0 and 1 (benchmarks/recipe_search/stageF*.csv: the fraction
