@@ -8,10 +8,11 @@
 # encoder dropout 0.1 (and two follow-ups added after those ran: robust L1 at half
 # the learning rate, and a log target). Stage A's protocol on the validation splits
 # of training folds 0 and 1 only (never a test fold): 3 seeds per fold stacked with
-# the fold, 100 epochs. The rule, fixed before the runs: a lever is proposed where it lowers
-# the validation MAE by more than 2% (stage F's margin; of several, the best), and
-# adopted only once its full 5-fold runs confirm that on their own validation
-# splits, as stage F's step two. Table: benchmarks/recipe_search/stageH_dielectric.csv.
+# the fold, 100 epochs. The rule, fixed before the runs: a lever is proposed where
+# it lowers the validation MAE by more than 2% (stage F's margin; of several, the
+# best), and adopted only once its full 5-fold runs confirm that on their own
+# validation splits, as stage F's step two. Table:
+# benchmarks/recipe_search/stageH_dielectric.csv.
 # Resumable: recorded runs are skipped. From the repository root, with
 # MATBENCH_RAW_DIR set and dielectric featurized:
 #   bash benchmarks/dielectric_search.sh [OUT_DIR]    # OUT_DIR default: results/search
