@@ -295,9 +295,13 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
         raise UserError("--frac-encoding-dims must be 0 or a positive multiple of 4")
     bad_aggs = set(params["embedding_aggregations"]) - {"mean", "std", "sum", "min",
                                                          "max"}
-    if bad_aggs or not params["embedding_aggregations"]:
+    aggs = list(params["embedding_aggregations"])
+    if bad_aggs or not aggs:
         raise UserError("--embedding-aggregations takes one or more of mean std sum "
-                        f"min max, got {list(params['embedding_aggregations'])}")
+                        f"min max, got {aggs}")
+    if len(set(aggs)) < len(aggs):
+        raise UserError(f"--embedding-aggregations lists one twice, got {aggs}: name "
+                        "each once")
     if wandb_mode not in ("disabled", "offline", "online"):
         raise UserError("--wandb must be disabled, offline or online")
     if checkpoint not in ("none", "local"):

@@ -350,6 +350,8 @@ def test_wandb_online_without_login_says_what_to_do(featurized, tmp_path, monkey
     (["--run-name", "ok", "--weight-decay", "-1"], "--weight-decay must be"),
     (["--run-name", "ok", "--seed", "-1"], "--seed must be a whole number"),
     (["--run-name", "ok", "--warmup-frac", "2"], "--warmup-frac must be in [0, 1]"),
+    (["--run-name", "ok", "--embedding-aggregations", "mean", "mean"],
+     "--embedding-aggregations lists one twice"),
 ])
 def test_every_flag_is_checked_before_training(featurized, tmp_path, capsys, flags,
                                                message):
