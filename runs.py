@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pandas as pd
 
@@ -603,27 +603,29 @@ def run_matbench_args(model: str, run_name: str, out_dir: str | os.PathLike,
 
 
 def check_run_args(args: Sequence[str], model: str, run_name: str,
-                   out_dir: str | os.PathLike, requeue: bool
-                   ) -> tuple[dict[str, Any], int]:
+                   out_dir: str | os.PathLike, requeue: bool,
+                   caller: str = "slurm_submit.py") -> tuple[dict[str, Any], int]:
     """Check an element's run_matbench.py arguments (from run_matbench_args) with its
     own parser and argument checks, so that a typo fails here, not in every element.
+    `caller` (slurm_submit.py or run_folds.py) is the script the messages name.
     Returns the elements' hyperparameters (None where each task takes its own
     default: with_task_defaults) and ensemble size."""
     task = ALL_TASKS[0] if model == "roostformer" else STRUCTURE_TASKS[0]
     parser = build_run_parser()
-    parser.prog = "run_matbench.py"  # in its messages for bad values
+
+    def refuse(message: str) -> NoReturn:  # argparse's reason, in one line
+        raise UserError(f"run_matbench.py: {message} (a flag {caller} passes on; "
+                        f"--task and --fold are set by {caller}: use --tasks and "
+                        "--folds)")
+
+    parser.error = refuse  # type: ignore[method-assign]
     sentinel = {TASK_VAR: "<task of the element>", FOLD_VAR: "99999",
                 FOLDS_VAR: "99999"}
-    try:
-        ns, unknown = parser.parse_known_args([sentinel.get(arg, arg) for arg in args])
-    except SystemExit as exc:  # argparse said why on stderr (e.g. --fold with --folds)
-        raise UserError("run_matbench.py refused these flags (above): --task, --fold "
-                        "and --folds are set by slurm_submit.py, use --tasks and "
-                        "--folds") from exc
+    ns, unknown = parser.parse_known_args([sentinel.get(arg, arg) for arg in args])
     if unknown:
         raise UserError(
             f"run_matbench.py does not take {' '.join(unknown)} (see `python "
-            "run_matbench.py --help`; options of slurm_submit.py: --help)"
+            f"run_matbench.py --help`; options of {caller}: `python {caller} --help`)"
         )
     per_task = FOLDS_VAR in args
     for flag, value in (("--model", model), ("--task", sentinel[TASK_VAR]),
@@ -633,11 +635,12 @@ def check_run_args(args: Sequence[str], model: str, run_name: str,
             hint = {"--task": "use --tasks", "--fold": "use --folds",
                     "--folds": "use --folds"}.get(
                 flag, "give it once, spelled out in full")
-            raise UserError(f"{flag} is set by slurm_submit.py for each element: "
-                            f"{hint}")
+            raise UserError(f"{flag} is set by {caller} for each job: {hint}")
     if ns.cuda_graphs and (ns.device != "cuda" or model != "roostformer"):
-        raise UserError("--cuda-graphs needs GPUs (--gpus-per-node 1 or more) and "
-                        "--model roostformer: drop --cuda-graphs")
+        gpus = ("--gpus-per-node 1 or more" if caller == "slurm_submit.py"
+                else "--device cuda")
+        raise UserError(f"--cuda-graphs needs GPUs ({gpus}) and --model roostformer: "
+                        "drop --cuda-graphs")
     if ns.ensemble < 1:
         raise UserError(f"--ensemble must be at least 1, got {ns.ensemble}")
     if requeue and ns.checkpoint != "local":

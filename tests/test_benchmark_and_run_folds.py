@@ -223,9 +223,17 @@ def test_run_folds_checks_every_flag_before_a_job_starts(tmp_path, capsys):
             str(tmp_path)]
     for extra, message in ((["--run-name", "../x"], "must be a plain file name"),
                            (["--run-name", "ok", "--dropout", "2"], "--dropout must"),
-                           (["--run-name", "ok", "--epochz", "3"], "does not take")):
+                           (["--run-name", "ok", "--epochz", "3"],
+                            "options of run_folds.py: `python run_folds.py --help`"),
+                           (["--run-name", "ok", "--grid", "epochs=abc"],
+                            "run_matbench.py: argument --epochs: invalid int value: "
+                            "'abc' (a flag run_folds.py passes on"),
+                           (["--run-name", "ok", "--cuda-graphs"],
+                            "--cuda-graphs needs GPUs (--device cuda)")):
         assert folds_main([*base, *extra]) == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and "slurm_submit.py" not in err, err
+        assert err.count("\n") == 1, err  # one line, not argparse's usage
     assert not list(tmp_path.iterdir())
 
 
