@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from mat_bench.data import HelpFormatter
+from mat_bench.data import ArgumentParser
 from mat_bench.runs import DEFAULTS, TORCH_FEEDFORWARD
 
 # defaults in one place: the model of runs.DEFAULTS, aviary's raw features
@@ -295,8 +295,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES),
                         choices=list(CASES))
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)

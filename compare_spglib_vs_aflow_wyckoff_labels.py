@@ -45,7 +45,7 @@ import pandas as pd
 
 from mat_bench import ROOT, STRUCTURE_TASKS, TASK_INFO
 from mat_bench.data import (
-    HelpFormatter,
+    ArgumentParser,
     UserError,
     atomic_path,
     check_task,
@@ -476,9 +476,8 @@ def compare_labels(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
     )
     parser.add_argument("--task", default="matbench_phonons",
                         help="a Matbench structure task (default: matbench_phonons)")

@@ -16,7 +16,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pandas as pd
 from filelock import FileLock
@@ -43,6 +43,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if shown and "%(default)" not in text and action.option_strings:
             text += " (default: %(default)s)"
         return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' command lines: HelpFormatter's --help, and a mistake answered in
+    one line (argparse's reason and where to read the flags), not the whole usage."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `python {self.prog} "
+                     "--help`)\n")
 
 
 # --- checks -----------------------------------------------------------------------

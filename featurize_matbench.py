@@ -15,7 +15,6 @@ A structure that the symmetry tool cannot label is kept, with its error in
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ import pandas as pd
 
 from mat_bench import ALL_TASKS, DATA_PATHS, TASK_INFO
 from mat_bench.data import (
-    HelpFormatter,
+    ArgumentParser,
     UserError,
     atomic_path,
     check_task,
@@ -91,9 +90,7 @@ def featurize(tasks: Sequence[str] = ALL_TASKS, force: bool = False,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=HelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), metavar="T",
                         help="tasks to featurize (default: all 13)")
     parser.add_argument("--force", action="store_true",

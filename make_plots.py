@@ -44,7 +44,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from mat_bench import ALL_TASKS, N_FOLDS, ROOT, TASK_INFO
-from mat_bench.data import HelpFormatter, UserError, atomic_path, check_task
+from mat_bench.data import ArgumentParser, UserError, atomic_path, check_task
 from mat_bench.leaderboard import (
     BENCHMARKS_ENV,
     DEFAULT_PREDS_DIR,
@@ -402,8 +402,7 @@ def make_plots(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--scores-dir", default=DEFAULT_SCORES_DIR,
                         help="our runs' scores (default: model_scores/)")
     parser.add_argument("--preds-dir", default=DEFAULT_PREDS_DIR,

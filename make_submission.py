@@ -39,7 +39,7 @@ from typing import Any
 import pandas as pd
 
 from mat_bench import ALL_TASKS, CLASS_THRESHOLD, N_FOLDS, ROOT, TASK_INFO
-from mat_bench.data import HelpFormatter, UserError, load_raw_task
+from mat_bench.data import ArgumentParser, UserError, load_raw_task
 from mat_bench.leaderboard import (
     DEFAULT_PREDS_DIR,
     DEFAULT_SCORES_DIR,
@@ -346,8 +346,7 @@ def make_submission(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--run", required=True, help="run name (file stem in "
                         "model_scores/ and model_preds/)")
     parser.add_argument("--scores-dir", default=DEFAULT_SCORES_DIR,

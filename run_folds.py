@@ -22,7 +22,6 @@ Flags it does not know go to run_matbench.py unchanged. Logs: OUT_DIR/job-logs/.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import signal
@@ -39,7 +38,7 @@ import pandas as pd
 
 from mat_bench import ALL_TASKS, N_FOLDS, ROOT, TASK_INFO
 from mat_bench.data import (
-    HelpFormatter,
+    ArgumentParser,
     UserError,
     check_fold,
     check_task,
@@ -204,8 +203,7 @@ def validation_curves(out_dir: Path, run_names: Sequence[str]) -> pd.DataFrame:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, choices=MODELS)
     parser.add_argument("--run-name", required=True, help="results file name; with "
                         "--grid, the prefix of each combination's")

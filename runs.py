@@ -28,7 +28,7 @@ from mat_bench import (
     TASK_INFO,
 )
 from mat_bench.data import (
-    HelpFormatter,
+    ArgumentParser,
     UserError,
     check_fold,
     check_task,
@@ -658,8 +658,7 @@ def check_run_args(args: Sequence[str], model: str, run_name: str,
 def build_run_parser(description: str | None = None) -> argparse.ArgumentParser:
     """run_matbench.py's command line (slurm_submit.py and run_folds.py check the
     flags they pass on with it)."""
-    parser = argparse.ArgumentParser(prog="run_matbench.py", description=description,
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="run_matbench.py", description=description)
     parser.add_argument("--model", required=True, choices=MODELS)
     parser.add_argument("--task", required=True, help="a Matbench v0.1 task name")
     which = parser.add_mutually_exclusive_group(required=True)

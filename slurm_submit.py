@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from mat_bench import ROOT
-from mat_bench.data import HelpFormatter, UserError
+from mat_bench.data import ArgumentParser, UserError
 from mat_bench.runs import (
     FOLD_VAR,
     FOLDS_VAR,
@@ -214,8 +214,8 @@ def submit(sbatch_cmd: Sequence[str]) -> str:
 # --- command line -----------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """slurm_submit.py's own flags; the rest go to run_matbench.py."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=HelpFormatter,
+    parser = ArgumentParser(
+        description=__doc__,
         allow_abbrev=False,  # never swallow a run_matbench.py flag as a prefix
     )
     run = parser.add_argument_group("what to run")

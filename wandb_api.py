@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mat_bench.data import UserError
+from mat_bench.data import ArgumentParser, UserError
 
 WHERE_FIELDS = ("name", "id", "tags", "config", "config.KEY")
 MAX_CELL = 40  # characters per value in the printed table
@@ -340,7 +340,7 @@ def edit_runs(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="See the module docstring (top of wandb_api.py) for examples.",
     )

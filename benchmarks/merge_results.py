@@ -8,17 +8,16 @@ recorded here are kept. Examples:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 from mat_bench import ROOT
-from mat_bench.data import HelpFormatter, UserError
+from mat_bench.data import ArgumentParser, UserError
 from mat_bench.runs import merge_run_results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("src", help="folder holding model_scores/ and model_preds/")
     parser.add_argument("--into", default=ROOT, help="folder to merge into")
     args = parser.parse_args(argv)

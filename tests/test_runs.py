@@ -83,6 +83,27 @@ def test_help_of_every_script_shows_examples_as_written(capsys):
         assert "(default: " in out
 
 
+@pytest.mark.parametrize(("script", "argv", "message"), [
+    ("run_matbench", ["--model", "roostformer", "--task", "matbench_steels", "--fold",
+                      "0", "--epochs", "abc"], "argument --epochs: invalid int value"),
+    ("run_folds", ["--model", "roost", "--run-name", "x"], "argument --model: invalid"),
+    ("slurm_submit", ["--run-name", "x"], "the following arguments are required"),
+    ("make_plots", ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ("featurize_matbench", ["--tasks"], "expected at least one argument"),
+])
+def test_a_mistaken_command_line_gets_one_line(capsys, script, argv, message):
+    """argparse's own mistakes (a bad value, a missing or unknown flag) end in one
+    line with its reason and where to read the flags, not the whole usage."""
+    import importlib
+
+    module = importlib.import_module(f"mat_bench.{script}")
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "--help`" in err, err
+    assert err.count("\n") == 1 and "usage:" not in err, err
+
+
 def test_result_paths():
     assert scores_path("out", "r") == Path("out/model_scores/r.json")
     assert preds_path("out", "r", "matbench_glass") == Path(
