@@ -388,6 +388,8 @@ def test_dielectric_levers_follow_from_stage_h():
     assert proposed == {"log_target": True}  # -2.3%: 0.2953 against 0.3022
     stands = confirmed_by_full_runs("roostformer-v2", "roostformer-v3",
                                     "matbench_dielectric", proposed)
+    # the full runs' validation: 0.3013 with it against 0.2951 without (+2.1%)
+    assert stands == {}
     assert TASK_DEFAULTS.get(("roostformer", "matbench_dielectric"), {}) == stands
 
 
