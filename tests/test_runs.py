@@ -422,6 +422,39 @@ def test_phonons_log_target_follows_from_stage_i():
                 if key == "log_target"} == lever
 
 
+def test_wrenformer_levers_follow_from_stage_j():
+    """Stage J's rule on its committed table (stage H's, for Wrenformer on phonons):
+    a lever is proposed only where it lowers the validation MAE by more than
+    VALIDATION_MARGIN against today's defaults (stage I's Wrenformer run with the
+    log target, not rerun; of several, the best). Wrenformer's phonons defaults hold
+    the proposed lever, or none of them."""
+    import pandas as pd
+
+    from mat_bench.runs import VALIDATION_MARGIN
+
+    levers = {"J-dropout=0.1": {"dropout": 0.1},
+              "J-weight_decay=0.1": {"weight_decay": 0.1},
+              "J-frac_jitter=0.05": {"frac_jitter": 0.05},
+              "J-embedding_aggregations=mean+std": {
+                  "embedding_aggregations": ("mean", "std")},
+              "J-d_model=256": {"d_model": 256}}
+    table = pd.read_csv(REPO / "benchmarks" / "recipe_search"
+                        / "stageJ_phonons_wrenformer.csv")
+    assert set(table.task) == {"matbench_phonons"}
+    assert (table.folds == 2).all() and (table.ensemble == 3).all()
+    error = table.set_index("run").val_mae.to_dict()
+    baseline = error.pop("I-wrenformer-log_target=true")
+    assert set(error) == set(levers)
+    best = min(error, key=error.get)
+    proposed = (levers[best] if error[best] < (1 - VALIDATION_MARGIN) * baseline
+                else {})
+    assert proposed == {}  # every lever is worse than the defaults' 51.14
+    searched = {key for lever in levers.values() for key in lever}
+    defaults = TASK_DEFAULTS[("wrenformer", "matbench_phonons")]
+    assert {key: value for key, value in defaults.items() if key in searched} == (
+        proposed)
+
+
 def confirmed_by_full_runs(without: str, with_it: str, task: str,
                            lever: dict[str, Any]) -> dict[str, Any]:
     """`lever` where it stands: unless the committed full runs `without` and
