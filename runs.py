@@ -294,9 +294,8 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
                         "above 0")
     if params["frac_encoding_dims"] < 0 or params["frac_encoding_dims"] % 4:
         raise UserError("--frac-encoding-dims must be 0 or a positive multiple of 4")
-    bad_aggs = set(params["embedding_aggregations"]) - {"mean", "std", "sum", "min",
-                                                         "max"}
     aggs = list(params["embedding_aggregations"])
+    bad_aggs = set(aggs) - {"mean", "std", "sum", "min", "max"}
     if bad_aggs or not aggs:
         raise UserError("--embedding-aggregations takes one or more of mean std sum "
                         f"min max, got {aggs}")

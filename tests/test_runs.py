@@ -366,8 +366,6 @@ def test_dielectric_levers_follow_from_stage_h():
     Dielectric's defaults hold what stands, or nothing."""
     import pandas as pd
 
-    from mat_bench.runs import VALIDATION_MARGIN
-
     # each run's settings against today's defaults (H-batch_size=128), by its name
     levers = {"H-batch_size=256": {"batch_size": 256},
               "H-robust=true": {"robust": True}, "H-dropout=0.1": {"dropout": 0.1},
@@ -382,9 +380,7 @@ def test_dielectric_levers_follow_from_stage_h():
     assert "H-robust=true" not in set(complete.run)
     error = complete.set_index("run").val_mae.to_dict()
     baseline = error.pop("H-batch_size=128")
-    best = min(error, key=error.get)
-    proposed = (levers[best] if error[best] < (1 - VALIDATION_MARGIN) * baseline
-                else {})
+    proposed = proposed_by_screen(error, baseline, levers)
     assert proposed == {"log_target": True}  # -2.3%: 0.2953 against 0.3022
     stands = confirmed_by_full_runs("roostformer-v2", "roostformer-v3",
                                     "matbench_dielectric", proposed)
@@ -430,8 +426,6 @@ def test_wrenformer_levers_follow_from_stage_j():
     the proposed lever, or none of them."""
     import pandas as pd
 
-    from mat_bench.runs import VALIDATION_MARGIN
-
     levers = {"J-dropout=0.1": {"dropout": 0.1},
               "J-weight_decay=0.1": {"weight_decay": 0.1},
               "J-frac_jitter=0.05": {"frac_jitter": 0.05},
@@ -445,14 +439,23 @@ def test_wrenformer_levers_follow_from_stage_j():
     error = table.set_index("run").val_mae.to_dict()
     baseline = error.pop("I-wrenformer-log_target=true")
     assert set(error) == set(levers)
-    best = min(error, key=error.get)
-    proposed = (levers[best] if error[best] < (1 - VALIDATION_MARGIN) * baseline
-                else {})
+    proposed = proposed_by_screen(error, baseline, levers)
     assert proposed == {}  # every lever is worse than the defaults' 51.14
     searched = {key for lever in levers.values() for key in lever}
     defaults = TASK_DEFAULTS[("wrenformer", "matbench_phonons")]
     assert {key: value for key, value in defaults.items() if key in searched} == (
         proposed)
+
+
+def proposed_by_screen(error: dict[str, float], baseline: float,
+                       levers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Stage H's rule on a screen's validation errors by run name: the lever of the
+    run with the lowest error where that is more than VALIDATION_MARGIN below the
+    baseline's, else nothing ({})."""
+    from mat_bench.runs import VALIDATION_MARGIN
+
+    best = min(error, key=error.get)
+    return levers[best] if error[best] < (1 - VALIDATION_MARGIN) * baseline else {}
 
 
 def confirmed_by_full_runs(without: str, with_it: str, task: str,
