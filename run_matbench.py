@@ -190,6 +190,8 @@ def save_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
             "val_curve": state.val_curve, "val_curve_preds": state.val_curve_preds,
             "weight_average": [w.cpu() for w in state.weight_average],
             "n_averaged": state.n_averaged,
+            "chosen_weights": [w.cpu() for w in state.chosen_weights],
+            "chosen_epochs": state.chosen_epochs, "chosen_scores": state.chosen_scores,
         }, tmp)
 
 
@@ -197,7 +199,9 @@ def check_checkpoint_space(path: Path, state: Any) -> None:
     """UserError before training if the checkpoint's disk lacks room for one more
     checkpoint (each is written beside the last before it replaces it)."""
     weight_bytes = sum(p.numel() * p.element_size() for p in state.model.parameters())
-    need = 4 * weight_bytes  # the weights, AdamW's two moments and their average
+    # the weights, AdamW's two moments, their average (SWA) and the weights of the
+    # chosen epochs (--epoch-choice)
+    need = 5 * weight_bytes
     # the nearest folder that exists: nothing is made before training starts
     free = shutil.disk_usage(next(p for p in path.parents if p.exists())).free
     if free < need:
@@ -261,6 +265,10 @@ def resume_from_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None
     state.weight_average = [w.to(state.norm_mean.device)
                             for w in saved.get("weight_average", [])]
     state.n_averaged = saved.get("n_averaged", 0)
+    state.chosen_weights = [w.to(state.norm_mean.device)
+                            for w in saved.get("chosen_weights", [])]
+    state.chosen_epochs = saved.get("chosen_epochs", [])
+    state.chosen_scores = saved.get("chosen_scores", [])
 
 
 def train_or_stop(state: Any, data: Any, cfg: Any, *, ckpt_path: Path | None,
@@ -654,7 +662,7 @@ def train_config(params: dict[str, Any], task_type: str, dev: Any,
         warmup_frac=params["warmup_frac"], robust=params["robust"],
         gate=params["gate"] and task_type == "regression",
         log_target=params["log_target"] and task_type == "regression",
-        frac_jitter=params["frac_jitter"],
+        frac_jitter=params["frac_jitter"], epoch_choice=params["epoch_choice"],
         amp=dev.type == "cuda" if params["amp"] is None else params["amp"],
         cuda_graphs=cuda_graphs,
     )
@@ -732,6 +740,8 @@ def test_and_record(state: Any, data: Any, cfg: Any, df: pd.DataFrame,
                 "epochs": [epoch for epoch, _ in state.val_curve],
                 "members": [[float(f"{scores[m]:.5g}") for _, scores in state.val_curve]
                             for m in idx]}
+        if cfg.epoch_choice and state.chosen_epochs:  # chosen on validation
+            entry["epochs_chosen"] = [state.chosen_epochs[m] for m in idx]
         if len(live[fold]) < len(idx):  # the seeds left out of the ensemble
             entry["collapsed_seeds"] = [members[m].seed for m in idx
                                         if m not in live[fold]]
@@ -825,6 +835,10 @@ def run_matbench(
         train_or_stop(state, data, cfg, ckpt_path=ckpt_path if checkpoint == "local"
                       else None, ckpt_meta=ckpt_meta, wandb_run=wandb_run,
                       progress=progress)
+    if cfg.epoch_choice:  # from here on each member predicts at its chosen epoch
+        from mat_bench.training import use_chosen_epochs
+
+        use_chosen_epochs(state)
 
     # 5. each fold's ensemble on its validation split: the label threshold is
     # chosen here, never on the test fold

@@ -76,6 +76,10 @@ HYPERPARAMETERS: dict[str, tuple[Any, str]] = {
                                      "for regression, the mean probability for "
                                      "classification (chosen on validation: "
                                      "README)"),
+    "epoch_choice": (False, "each member predicts with its weights from the epoch "
+                            "(of every 10th, and the last) with its best "
+                            "validation score, not the last epoch's (chosen on "
+                            "validation per task: README)"),
     "prior_threshold": (True, "classification tasks (others ignore it): labels above "
                               "the training split's share of class 1 instead of 0.5: "
                               "for calibrated probabilities the threshold with the "
@@ -109,7 +113,7 @@ DEFAULTS: dict[str, Any] = {key: default
 # with it). Dropped that way: the encoding off on jdft2d, the log target on
 # dielectric.
 TASK_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("roostformer", "matbench_glass"): {"frac_encoding_dims": 0},
+    ("roostformer", "matbench_glass"): {"frac_encoding_dims": 0, "epoch_choice": True},
     ("roostformer", "matbench_phonons"): {"frac_encoding_dims": 0},
     ("wrenformer", "matbench_phonons"): {"frac_encoding_dims": 0, "log_target": True},
 }
@@ -132,7 +136,8 @@ BEFORE_IT_EXISTED: dict[str, Any] = {"dim_feedforward": TORCH_FEEDFORWARD,
                                      "ensemble_aggregation": "mean",
                                      "val_threshold": False,
                                      "wyckoff_features": "raw",
-                                     "prior_threshold": False}
+                                     "prior_threshold": False,
+                                     "epoch_choice": False}
 AT_ANY_VALUE = ("amp", "seed")  # hyperparameters that do not set a run's recipe
 
 
@@ -292,6 +297,10 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
     if params["val_threshold"] and not params["val_fraction"]:
         raise UserError("--val-threshold needs a validation split: set --val-fraction "
                         "above 0")
+    if params["epoch_choice"] and not params["val_fraction"]:
+        raise UserError("--epoch-choice (some tasks' default) chooses each member's "
+                        "epoch on its validation split: set --val-fraction above 0, "
+                        "or add --no-epoch-choice")
     if params["frac_encoding_dims"] < 0 or params["frac_encoding_dims"] % 4:
         raise UserError("--frac-encoding-dims must be 0 or a positive multiple of 4")
     aggs = list(params["embedding_aggregations"])

@@ -592,6 +592,7 @@ class TrainConfig:
     gate: bool = DEFAULTS["gate"]  # regression: prediction x sigmoid(gate output)
     log_target: bool = DEFAULTS["log_target"]  # regression: fit log(target)
     frac_jitter: float = DEFAULTS["frac_jitter"]  # fractions x (1 + jitter x N(0, 1))
+    epoch_choice: bool = DEFAULTS["epoch_choice"]  # keep each member's best curve epoch
     amp: bool = False  # bf16 compute, fp32 weights and optimizer (runs: per device)
     cuda_graphs: bool = False  # capture the whole training step (CUDA, Roostformer)
 
@@ -837,6 +838,11 @@ class TrainState:
     # how many epochs: measured on validation only
     weight_average: list[Tensor] = field(default_factory=list)
     n_averaged: int = 0
+    # with cfg.epoch_choice: each member's weights at its curve epoch with the best
+    # validation score so far (stacked as the model's), that epoch and that score
+    chosen_weights: list[Tensor] = field(default_factory=list)
+    chosen_epochs: list[int] = field(default_factory=list)
+    chosen_scores: list[float] = field(default_factory=list)
     bf16: Bf16Copy | None = None  # bf16 compute copy (amp on a CPU)
     graph: GraphedStep | None = None  # the captured step (cuda_graphs)
 
@@ -857,6 +863,40 @@ def average_weights(state: TrainState) -> None:
         state.weight_average = [p.clone() for p in params]
     else:
         torch._foreach_lerp_(state.weight_average, params, 1 / state.n_averaged)
+
+
+@torch.no_grad()
+def keep_best_epochs(state: TrainState, epoch: int, val: Sequence[float],
+                     lower_is_better: bool) -> None:
+    """At a curve epoch: keep the weights of each member whose validation score
+    `val` beats its best so far (the first curve epoch's all; a score that is not
+    finite never counts) in state.chosen_weights, with that epoch and score."""
+    params = [p.detach() for p in state.model.parameters()]
+    sign = 1.0 if lower_is_better else -1.0
+    scores = [sign * v if math.isfinite(v) else math.inf for v in val]
+    if not state.chosen_weights:
+        state.chosen_weights = [p.clone() for p in params]
+        state.chosen_epochs, state.chosen_scores = [epoch] * len(val), scores
+        return
+    better = [m for m, v in enumerate(scores) if v < state.chosen_scores[m]]
+    if not better:
+        return
+    rows = torch.tensor(better, device=params[0].device)
+    for kept, param in zip(state.chosen_weights, params, strict=True):
+        kept[rows] = param[rows]
+    for m in better:
+        state.chosen_epochs[m], state.chosen_scores[m] = epoch, scores[m]
+
+
+@torch.no_grad()
+def use_chosen_epochs(state: TrainState) -> None:
+    """Give each member for good the weights of its chosen epoch (keep_best_epochs):
+    from here on the model predicts with them (none kept: no change)."""
+    if not state.chosen_weights:
+        return
+    torch._foreach_copy_(list(state.model.parameters()), state.chosen_weights)
+    if state.bf16:
+        state.bf16.refresh()
 
 
 @contextmanager
@@ -1106,6 +1146,8 @@ def train(state: TrainState, data: TaskData, cfg: TrainConfig, *,
                 state.val_curve.append((epoch + 1, val))
                 state.val_curve_preds.append(
                     (epoch + 1, [p.astype(np.float32) for p in val_preds]))
+                if cfg.epoch_choice:
+                    keep_best_epochs(state, epoch + 1, val, metric == "mae")
         state.epoch = epoch + 1
         if state.epoch > swa_start(cfg.epochs):
             average_weights(state)

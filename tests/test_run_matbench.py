@@ -727,6 +727,8 @@ def test_members_of_a_fold_share_their_validation_split():
 @pytest.mark.parametrize(("flags", "message"), [
     (["--task", "matbench_glass", "--val-threshold", "--val-fraction", "0"],
      "needs a validation split"),
+    (["--task", "matbench_steels", "--epoch-choice", "--val-fraction", "0"],
+     "add --no-epoch-choice"),
     (["--task", "matbench_steels", "--frac-jitter", "0.7"], "--frac-jitter must be"),
     (["--task", "matbench_steels", "--log-target", "--gate"], "cannot be combined"),
 ])
@@ -763,9 +765,14 @@ def test_labels_above_the_training_share_of_class_1(featurized, tmp_path):
     featurized("matbench_glass")
     train_ids, _ = get_fold_ids("matbench_glass", 3)
     share = float(load_featurized("matbench_glass").loc[train_ids].target.mean())
+    # glass's default epoch choice needs a validation split: refused before loading
+    with pytest.raises(UserError, match="add --no-epoch-choice"):
+        run_matbench("roostformer", "matbench_glass", 3, epochs=1, val_fraction=0,
+                     run_name="prior", out_dir=tmp_path, progress=False, **TINY)
+    assert not list(tmp_path.iterdir())
     entry = run_matbench("roostformer", "matbench_glass", 3, epochs=1, val_fraction=0,
-                         run_name="prior", out_dir=tmp_path, progress=False,
-                         **TINY)[3]
+                         epoch_choice=False, run_name="prior", out_dir=tmp_path,
+                         progress=False, **TINY)[3]
     assert entry["threshold"] == pytest.approx(share) and 0.7 < share < 0.72
     _, preds = check_fold_files(tmp_path, "prior", "matbench_glass", 3, "rocauc",
                                 entry["n_test"])
@@ -874,3 +881,51 @@ def test_run_records_epoch_levers_across_a_resume(featurized, tmp_path, monkeypa
     assert saved["n_averaged"] == 3 and len(saved["weight_average"]) == len(
         saved["model_state"])
     assert [epoch for epoch, _ in saved["val_curve_preds"]] == [10, 12]
+
+
+def test_epoch_choice_predicts_at_each_members_best_epoch_across_a_resume(
+        featurized, tmp_path, monkeypatch, capsys):
+    """--epoch-choice: each member predicts with its weights from the curve epoch
+    with its best validation score, chosen on its validation split only and kept
+    across a SIGTERM and resume; the scores record each member's epoch, and its
+    validation score at the weights it predicts with is its curve's best."""
+    import torch
+
+    featurized("matbench_steels")
+    monkeypatch.setattr(training, "VAL_CURVE_EPOCHS", 2)
+    argv = ["--model", "roostformer", "--task", "matbench_steels", "--fold", "0",
+            "--ensemble", "2", "--epochs", "12", "--batch-size", "32", "--out-dir",
+            str(tmp_path), "--run-name", "ec", "--checkpoint", "local",
+            "--no-progress", "--frac-jitter", "0", "--epoch-choice",
+            *[str(x) for kv in TINY.items() for x in (f"--{kv[0].replace('_', '-')}",
+                                                     kv[1])]]
+    original = training.keep_best_epochs
+
+    def keep_then_stop(state, epoch, *args):
+        original(state, epoch, *args)
+        if epoch == 6:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(training, "keep_best_epochs", keep_then_stop)
+    assert run_main(argv) == 128 + signal.SIGTERM
+    ckpt = tmp_path / "checkpoints" / "ec" / "matbench_steels-fold_0-ensemble_2.pt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["epoch"] == 6 and len(saved["chosen_weights"]) == len(
+        saved["model_state"])
+    curve = np.array([scores for _, scores in saved["val_curve"]])  # (epochs, M)
+    assert saved["chosen_epochs"] == [2 * (int(np.argmin(curve[:, m])) + 1)
+                                      for m in range(2)]
+    monkeypatch.setattr(training, "keep_best_epochs", original)
+    assert run_main(argv) == 0
+    assert "resuming matbench_steels fold_0 from epoch 6" in capsys.readouterr().out
+    entry = read_json_results(tmp_path / "model_scores" / "ec.json")[
+        "matbench_steels"]["fold_0"]
+    assert entry["params"]["epoch_choice"] is True
+    epochs, members = entry["val_curve"]["epochs"], entry["val_curve"]["members"]
+    assert epochs == [2, 4, 6, 8, 10, 12]
+    best = [int(np.argmin(member)) for member in members]
+    assert entry["epochs_chosen"] == [epochs[t] for t in best]
+    for member, curve_scores, t in zip(entry["members"], members, best, strict=True):
+        assert member["val"] == pytest.approx(curve_scores[t], rel=1e-4)
+    # the lever's own honest measure sits beside it, from the same curve
+    assert math.isfinite(entry["val_epoch_choice"]["chosen"])

@@ -554,3 +554,61 @@ def test_weight_average_is_the_mean_of_the_last_epochs(amp):
     assert [epoch for epoch, _ in state.val_curve_preds] == [8]
     np.testing.assert_allclose(state.val_curve_preds[0][1][1], training.predict(
         state, data, [m.val_idx for m in members], cfg)[1], rtol=1e-6)
+
+
+def test_keep_best_epochs_keeps_each_members_own_best():
+    """keep_best_epochs keeps, per member, the weights of the curve epoch with its
+    best score so far: the lowest MAE or the highest ROC-AUC, a score that is not
+    finite never, and each member's row of the stacked weights on its own."""
+    data = task_data("roostformer")
+    cfg = training.TrainConfig("regression", 1, batch_size=32, epoch_choice=True)
+    state = training.new_train_state("roostformer", data, members_of(N_ROWS, 3), cfg,
+                                     **TINY)
+    params = list(state.model.parameters())
+
+    def at_epoch(epoch: int, scores: list[float], lower_is_better: bool) -> None:
+        with torch.no_grad():
+            for param in params:
+                param.fill_(epoch)
+        training.keep_best_epochs(state, epoch, scores, lower_is_better)
+
+    nan = float("nan")
+    at_epoch(10, [nan, 2.0, 3.0], True)
+    at_epoch(20, [5.0, 1.0, 3.0], True)  # a tie (member 2) keeps the earlier epoch
+    at_epoch(30, [6.0, nan, 4.0], True)
+    assert state.chosen_epochs == [20, 20, 10]
+    assert state.chosen_scores == [5.0, 1.0, 3.0]
+    for kept in state.chosen_weights:
+        assert [float(row.flatten()[0]) for row in kept] == [20.0, 20.0, 10.0]
+    training.use_chosen_epochs(state)
+    first = params[0].detach()
+    assert [float(row.flatten()[0]) for row in first] == [20.0, 20.0, 10.0]
+    # ROC-AUC: higher is better
+    state.chosen_weights = []
+    at_epoch(10, [0.9, 0.5, 0.7], False)
+    at_epoch(20, [0.8, 0.6, 0.7], False)
+    assert state.chosen_epochs == [10, 20, 10]
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_epoch_choice_predicts_at_each_members_best_curve_epoch(monkeypatch, amp):
+    """Trained with cfg.epoch_choice, each member keeps its weights from the curve
+    epoch with its lowest validation MAE; after use_chosen_epochs the model
+    predicts each member's validation split exactly as it did at that epoch, bf16
+    copy included."""
+    monkeypatch.setattr(training, "VAL_CURVE_EPOCHS", 1)
+    data = task_data("roostformer")
+    members = members_of(N_ROWS, 3)
+    cfg = training.TrainConfig("regression", 8, batch_size=32, learning_rate=0.01,
+                               amp=amp, epoch_choice=True, **EXACT)
+    state = training.new_train_state("roostformer", data, members, cfg, **TINY)
+    training.train(state, data, cfg, progress=False)
+    curve = np.array([scores for _, scores in state.val_curve])  # (epochs, members)
+    assert len(curve) == 8
+    best = curve.argmin(axis=0)
+    assert (best < 7).any()  # some member's best is not its last epoch
+    assert state.chosen_epochs == [int(t) + 1 for t in best]
+    training.use_chosen_epochs(state)
+    val = training.predict(state, data, [m.val_idx for m in members], cfg)
+    for m, t in enumerate(best):
+        np.testing.assert_allclose(val[m], state.val_curve_preds[t][1][m], rtol=1e-5)
