@@ -243,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             recipes[name] = check_run_args(
                 run_matbench_args(args.model, name, out_dir, [*flags, *passthrough],
                                   "0", False, args.per_task),
-                args.model, name, out_dir, False, caller="run_folds.py")
+                args.model, name, out_dir, False, caller="run_folds.py",
+                tasks=args.tasks)
         done = {name: done_pairs(scores_path(out_dir, name), args.model)
                 for name, _ in runs}
         jobs = []

@@ -292,8 +292,9 @@ def check_args(model: str, task: str, fold: int, params: dict[str, Any],
                         f"{params['wyckoff_features']!r}")
     if (params["log_target"] and params["gate"]
             and TASK_INFO[task].task_type == "regression"):
-        raise UserError("--log-target and --gate cannot be combined (the gate predicts "
-                        "exact zeros, which have no log): drop one of them")
+        raise UserError("--log-target (some tasks' default) and --gate cannot be "
+                        "combined (the gate predicts exact zeros, which have no log): "
+                        "drop --gate or add --no-log-target")
     if params["val_threshold"] and not params["val_fraction"]:
         raise UserError("--val-threshold needs a validation split: set --val-fraction "
                         "above 0")
@@ -613,13 +614,16 @@ def run_matbench_args(model: str, run_name: str, out_dir: str | os.PathLike,
 
 def check_run_args(args: Sequence[str], model: str, run_name: str,
                    out_dir: str | os.PathLike, requeue: bool,
-                   caller: str = "slurm_submit.py") -> tuple[dict[str, Any], int]:
+                   caller: str = "slurm_submit.py",
+                   tasks: Sequence[str] | None = None) -> tuple[dict[str, Any], int]:
     """Check an element's run_matbench.py arguments (from run_matbench_args) with its
-    own parser and argument checks, so that a typo fails here, not in every element.
-    `caller` (slurm_submit.py or run_folds.py) is the script the messages name.
-    Returns the elements' hyperparameters (None where each task takes its own
-    default: with_task_defaults) and ensemble size."""
-    task = ALL_TASKS[0] if model == "roostformer" else STRUCTURE_TASKS[0]
+    own parser and argument checks, each of `tasks` (None: every task) with its own
+    defaults, so that a typo or a clash with a task's default fails here, not in
+    every element. `caller` (slurm_submit.py or run_folds.py) is the script the
+    messages name. Returns the elements' hyperparameters (None where each task
+    takes its own default: with_task_defaults) and ensemble size."""
+    takes = ALL_TASKS if model == "roostformer" else STRUCTURE_TASKS
+    tasks = [task for task in (tasks or takes) if task in takes] or [takes[0]]
     parser = build_run_parser()
 
     def refuse(message: str) -> NoReturn:  # argparse's reason, in one line
@@ -656,8 +660,14 @@ def check_run_args(args: Sequence[str], model: str, run_name: str,
         raise UserError("--requeue resumes from checkpoints: drop --checkpoint none")
     params = {key: getattr(ns, key) for key in DEFAULTS}  # None: the task's default
     params["embedding_aggregations"] = tuple(params["embedding_aggregations"])
-    check_args(model, task, 0, with_task_defaults(params, model, task), ns.wandb,
-               ns.checkpoint)
+    for task in tasks:
+        try:
+            check_args(model, task, 0, with_task_defaults(params, model, task),
+                       ns.wandb, ns.checkpoint)
+        except UserError as exc:  # name the task whose own defaults clash
+            if (model, task) in TASK_DEFAULTS:
+                raise UserError(f"{task}: {exc}") from None
+            raise
     check_device(ns.device)
     return params, ns.ensemble
 

@@ -303,7 +303,7 @@ def submit_run(args: argparse.Namespace, extra: list[str]) -> int:
     element_args = run_matbench_args(args.model, args.run_name, out_dir, extra,
                                      args.gpus_per_node, args.requeue, args.per_task)
     recipe = check_run_args(element_args, args.model, args.run_name, out_dir,
-                            args.requeue)
+                            args.requeue, tasks=args.tasks)
     log_dir = Path(args.log_dir).resolve() if args.log_dir else out_dir / "job-logs"
 
     pairs = select_pairs(args.model, args.tasks, args.folds)

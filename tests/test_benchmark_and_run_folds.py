@@ -267,6 +267,19 @@ def test_run_folds_checks_every_task_before_any_job(tmp_path, capsys):
     assert not out_dir.exists()
 
 
+def test_run_folds_checks_each_tasks_own_defaults_before_any_job(tmp_path, capsys):
+    """Wrenformer's phonons default is a log target, so --gate clashes there: one
+    line naming the task and the way out, before any job starts."""
+    out_dir = tmp_path / "out"
+    assert folds_main(["--model", "wrenformer", "--run-name", "x", "--tasks",
+                       "matbench_phonons", "--gate", "--out-dir", str(out_dir),
+                       "--folds", "0", "--epochs", "1"]) == 2  # (short, were it to run)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "matbench_phonons: --log-target" in err and "add --no-log-target" in err
+    assert not out_dir.exists()
+
+
 def test_run_folds_refuses_a_run_name_holding_another_model(tmp_path, capsys):
     scores = tmp_path / "model_scores" / "mixed.json"
     scores.parent.mkdir()

@@ -155,6 +155,26 @@ def test_log_target_without_logs_is_refused_before_submitting(monkeypatch, tmp_p
     assert main(argv) == 0  # steels' yield strengths are all above 0
 
 
+def test_a_clash_with_a_tasks_own_defaults_is_refused_before_submitting(
+        monkeypatch, tmp_path, capsys):
+    """Flags are checked against each requested task's own defaults
+    (runs.TASK_DEFAULTS), not only the plain ones: glass chooses its members'
+    epochs on validation, so --val-fraction 0 is refused for it in one line naming
+    it, before any script is written; steels alone takes it."""
+    for task in ("matbench_steels", "matbench_glass"):
+        fake_featurized(monkeypatch, tmp_path, task)
+    out_dir = tmp_path / "out"
+    argv = ["--model", "roostformer", "--run-name", "x", "--val-fraction", "0",
+            "--dry-run", "--out-dir", str(out_dir), "--tasks", "matbench_steels"]
+    assert main([*argv, "matbench_glass"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: matbench_glass: --epoch-choice") and err.count(
+        "\n") == 1, err
+    assert "add --no-epoch-choice" in err and not out_dir.exists()
+    assert main([*argv, "matbench_glass", "--no-epoch-choice"]) == 0
+    assert main(argv) == 0
+
+
 def test_no_sbatch_says_so_and_suggests_dry_run(monkeypatch, tmp_path, capsys):
     fake_featurized(monkeypatch, tmp_path, "matbench_steels")
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
