@@ -195,13 +195,13 @@ def save_checkpoint(path: Path, state: Any, meta: dict[str, Any]) -> None:
         }, tmp)
 
 
-def check_checkpoint_space(path: Path, state: Any) -> None:
+def check_checkpoint_space(path: Path, state: Any, epoch_choice: bool) -> None:
     """UserError before training if the checkpoint's disk lacks room for one more
     checkpoint (each is written beside the last before it replaces it)."""
     weight_bytes = sum(p.numel() * p.element_size() for p in state.model.parameters())
-    # the weights, AdamW's two moments, their average (SWA) and the weights of the
-    # chosen epochs (--epoch-choice)
-    need = 5 * weight_bytes
+    # the weights, AdamW's two moments, their average (SWA) and with --epoch-choice
+    # the weights of the chosen epochs
+    need = (5 if epoch_choice else 4) * weight_bytes
     # the nearest folder that exists: nothing is made before training starts
     free = shutil.disk_usage(next(p for p in path.parents if p.exists())).free
     if free < need:
@@ -817,7 +817,7 @@ def run_matbench(
     ckpt_meta = {"model": model, "task": task, "params": params,
                  "members": [(m.fold, m.seed) for m in members]}
     if checkpoint == "local":
-        check_checkpoint_space(ckpt_path, state)
+        check_checkpoint_space(ckpt_path, state, cfg.epoch_choice)
     run_params = describe_run(model, task, folds, ensemble, run_name, params, dev,
                               cuda_graphs, state)
 
